@@ -1,0 +1,60 @@
+"""In-memory records of played episodes, shared by the rollout engine and the stages that store them.
+
+Token ids are kept exactly as the policy saw and produced them, so the optimize stage trains on the very
+sequence that was sampled (no re-tokenization drift between rollout and update).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Task:
+    """One playable game: the same task (id + seed) always starts from the same initial state."""
+
+    task_id: str
+    family: str
+    task_type: str
+    split: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    """One episode to play: episodes sharing a group_id play the same task."""
+
+    task: Task
+    group_id: str
+    episode_id: str
+
+
+@dataclass
+class TurnRecord:
+    turn_index: int
+    observation: str  # the observation text the model saw right before this turn
+    context_token_ids: list[int]  # tokens appended to the context before generating (prompt or observation)
+    generated_token_ids: list[int]
+    generated_text: str
+    think: str | None
+    action: str | None
+    malformed: bool
+    malformed_reason: str | None
+    env_reward: float
+    done: bool
+    sampling_logprob: float  # sum of the sampling log-probs of the generated tokens
+    latency_s: float
+
+
+@dataclass
+class EpisodeRecord:
+    spec: EpisodeSpec
+    turns: list[TurnRecord] = field(default_factory=list)
+    won: bool = False
+    score: float = 0.0
+    termination: str = "running"  # won | lost | max_turns | env_error
+    error: str | None = None
+
+    @property
+    def malformed_turns(self) -> int:
+        return sum(turn.malformed for turn in self.turns)
