@@ -70,6 +70,8 @@ class RolloutConfig(Section):
     group_size: int = Field(8, ge=2)
     batch_episodes: int = Field(32, ge=1, description="episodes generated together in one batch")
     sampling: SamplingConfig = SamplingConfig()
+    reward: Literal["success", "score"] = Field("success", description="episode return: task success 0/1 or env score")
+    malformed_penalty: float = Field(0.1, ge=0, description="subtracted from the return per malformed turn")
 
 
 class FilterConfig(Section):
@@ -80,6 +82,8 @@ class FilterConfig(Section):
     max_malformed_fraction: float = Field(0.5, ge=0, le=1)
     max_episode_tokens: int = Field(4096, ge=1)
     keep_partial_last_draw: bool = True
+    std_normalize: bool = Field(True, description="divide group-centred returns by the group's std")
+    advantage_eps: float = Field(1e-6, gt=0)
 
 
 class OptimizeConfig(Section):
@@ -89,10 +93,6 @@ class OptimizeConfig(Section):
     ppo_epochs: int = Field(1, ge=1)
     mini_batch_episodes: int | None = Field(None, ge=1, description="None = the whole batch in one update")
     micro_batch_episodes: int = Field(8, ge=1, description="episodes per forward pass (gradient accumulation)")
-    std_normalize: bool = True
-    advantage_eps: float = 1e-6
-    reward: Literal["success", "score"] = "success"
-    malformed_penalty: float = Field(0.1, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     zero_stage: Literal[0, 1, 2] = 2
 
