@@ -137,8 +137,7 @@ def config_show(
             raise ConfigError("pass --config FILE or --run URI")
     except ConfigError as error:
         raise _fail(error) from None
-    console.print(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False), end="", markup=False,
-                  highlight=False)
+    typer.echo(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False), nl=False)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dypo.cli import app
+from dypo.stages.config import ConfigError, load_config, parse_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_embedded_default_loads():
+    config = load_config(CONFIGS / "tiny-cpu.yaml")
+    assert config.env.family == "twx-coin"
+    assert config.rollout.group_size >= 2
+
+
+def test_unknown_key_names_its_path_and_a_suggestion():
+    with pytest.raises(ConfigError) as error:
+        parse_config({"rollout": {"group_sise": 4}}, "c.yaml")
+    assert "unknown key 'rollout.group_sise'" in str(error.value)
+    assert "did you mean 'rollout.group_size'?" in str(error.value)
+
+
+def test_unknown_nested_key_and_section():
+    with pytest.raises(ConfigError, match=r"unknown key 'rollout\.sampling\.temprature'.*rollout\.sampling\.temperature"):
+        parse_config({"rollout": {"sampling": {"temprature": 1.0}}})
+    with pytest.raises(ConfigError, match=r"unknown key 'optimise'.*did you mean 'optimize'"):
+        parse_config({"optimise": {}})
+
+
+def test_wrong_value_is_explained():
+    with pytest.raises(ConfigError, match=r"rollout\.group_size: Input should be greater than or equal to 2"):
+        parse_config({"rollout": {"group_size": 1}})
+
+
+def test_unreachable_batch_target_is_rejected():
+    with pytest.raises(ConfigError, match="can never be reached"):
+        parse_config({"rollout": {"groups": 2}, "filter": {"target_groups": 9, "max_extra_draws": 1}})
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("run: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_config_show_prints_resolved_config():
+    result = CliRunner().invoke(app, ["config", "show", "--config", str(CONFIGS / "tiny-cpu.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "group_size: 8" in result.output
+    assert "mlflow_uri: sqlite:///" in result.output
+
+
+def test_config_show_reports_errors(tmp_path):
+    (tmp_path / "c.yaml").write_text("evaluate:\n  taks: 3\n")
+    result = CliRunner().invoke(app, ["config", "show", "--config", str(tmp_path / "c.yaml")])
+    assert result.exit_code == 2
+    assert "evaluate.tasks" in result.output
