@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from dypo import code_version
 from dypo.stages.commit import CommittedStage, require_committed
 from dypo.stages.config import Config, ConfigError, parse_config
 from dypo.stages.storage import RunStore
-
-from dypo import code_version
 
 RUN_FILE = "run.json"
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from dypo.schemas.tables import EPISODES, TURNS
 from dypo.stages.commit import StageWriter
 from dypo.stages.config import RolloutConfig, SamplingConfig
@@ -13,7 +15,6 @@ from dypo.stages.environments import EnvPool
 from dypo.stages.generation import play_episodes
 from dypo.stages.policy import load_policy
 from dypo.stages.trajectory import EpisodeRecord, EpisodeSpec
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from enum import StrEnum
 from itertools import groupby
 
 import pyarrow as pa
+
 from dypo.schemas.tables import BATCH, EPISODES
 from dypo.stages.commit import (
     CommittedStage,
@@ -24,6 +25,7 @@ from dypo.stages.commit import (
     require_committed,
     rollout_stage_name,
 )
+from dypo.stages.config import FilterConfig
 from dypo.stages.context import RunContext
 from dypo.stages.dypo_loss import group_advantages
 
@@ -60,9 +62,8 @@ def episode_reason(row: dict, max_malformed_fraction: float, max_tokens: int) ->
     return None
 
 
-def select(episodes: list[dict], ctx: RunContext, last_draw: bool) -> list[dict]:
+def select(episodes: list[dict], cfg: FilterConfig, last_draw: bool) -> list[dict]:
     """Decide every episode's fate; returns `batch.parquet` rows."""
-    cfg = ctx.config.filter
     rows, accepted_groups = [], 0
     ordered = sorted(episodes, key=lambda r: (r["draw"], r["group_id"], r["episode_id"]))
     for _, members in groupby(ordered, key=lambda r: (r["draw"], r["group_id"])):
@@ -104,7 +105,7 @@ def filter_batch(ctx: RunContext, iteration: int, force: bool = False) -> StageO
         tables = [ctx.store.read_table(f"{d.directory}/episodes.parquet", EPISODES) for d in draws]
         episodes = pa.concat_tables(tables, promote_options="permissive").to_pylist()
         last_draw = len(draws) == 1 + ctx.config.filter.max_extra_draws
-        rows = select(episodes, ctx, last_draw)
+        rows = select(episodes, ctx.config.filter, last_draw)
         writer.write_rows("batch.parquet", rows, BATCH)
         counts = Counter(r["reason"] for r in rows)
         accepted_groups = len({r["group_id"] for r in rows if r["accepted"]})

@@ -19,13 +19,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
 from dypo.stages.config import SamplingConfig
 from dypo.stages.conversation import observation_ids, prompt_ids
 from dypo.stages.environments import EnvError, EnvPool, GameSession
 from dypo.stages.policy import stop_token_ids
 from dypo.stages.trajectory import EpisodeRecord, EpisodeSpec, TurnRecord
 from dypo.stages.turn_format import parse_turn
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 # What the model reads after a malformed turn. The game receives nothing (its state is unchanged), and the
 # message names the expected shape so the model can recover within the episode; the turn is still flagged.
@@ -39,7 +40,9 @@ class _Sample:
     stopped: bool  # ended with a stop token (False: the token budget ran out)
 
 
-def _draw(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _draw(
+    logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row and its log-prob under the distribution it was drawn from.
 
     Greedy decoding draws from a point mass, so its log-prob is 0. Otherwise the distribution is
@@ -225,7 +228,8 @@ def play_episodes(
     for batch_index, start in enumerate(range(0, len(specs), batch_episodes)):
         batch = specs[start:start + batch_episodes]
         generator = _batch_generator(seed, batch_index)
-        episodes = [_start(spec, session, tokenizer) for spec, session in zip(batch, pool.sessions(len(batch)))]
+        sessions = pool.sessions(len(batch))
+        episodes = [_start(spec, session, tokenizer) for spec, session in zip(batch, sessions, strict=True)]
         for _ in range(max_turns):
             running = [episode for episode in episodes if episode.running]
             if not running:

@@ -12,16 +12,16 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from dypo.stages.config import ModelConfig
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
+from dypo.stages.config import ModelConfig
+from dypo.stages.turn_format import ACTION_CLOSE, ACTION_OPEN, THINK_CLOSE, THINK_OPEN
+
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-ACTION_OPEN, ACTION_CLOSE = "<action>", "</action>"
 
 CHATML_TOKENS = (ENDOFTEXT, IM_START, IM_END)
 TAG_TOKENS = (THINK_OPEN, THINK_CLOSE, ACTION_OPEN, ACTION_CLOSE)

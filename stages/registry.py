@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from rich.console import Console
+from transformers.utils import logging as transformers_logging
 
 from dypo.stages import tracking
 from dypo.stages.commit import StageOutcome
@@ -22,6 +23,7 @@ from dypo.stages.rollout import rollout
 from dypo.stages.warmstart import warmstart
 
 console = Console(stderr=True)
+transformers_logging.disable_progress_bar()  # our own progress display covers the stages
 
 
 @dataclass(frozen=True)

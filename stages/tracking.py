@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from dypo.stages.context import RunContext
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+
+from dypo.stages.context import RunContext
 
 RUN_TAG = "dypo.run_uri"
 CANDIDATE = "candidate"
@@ -77,7 +78,7 @@ def register_checkpoint(ctx: RunContext, source_uri: str, iteration: int) -> str
         name, source=source_uri, run_id=training_run_id(ctx),
         tags={RUN_TAG: ctx.store.uri, "iteration": str(iteration)})
     mlflow.set_registered_model_alias(name, CANDIDATE, version.version)
-    return version.version
+    return str(version.version)
 
 
 def gate_champion(ctx: RunContext, version: str, success_rate: float) -> bool:

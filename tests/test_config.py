@@ -23,7 +23,8 @@ def test_unknown_key_names_its_path_and_a_suggestion():
 
 
 def test_unknown_nested_key_and_section():
-    with pytest.raises(ConfigError, match=r"unknown key 'rollout\.sampling\.temprature'.*rollout\.sampling\.temperature"):
+    nested = r"unknown key 'rollout\.sampling\.temprature'.*rollout\.sampling\.temperature"
+    with pytest.raises(ConfigError, match=nested):
         parse_config({"rollout": {"sampling": {"temprature": 1.0}}})
     with pytest.raises(ConfigError, match=r"unknown key 'optimise'.*did you mean 'optimize'"):
         parse_config({"optimise": {}})

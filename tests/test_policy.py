@@ -117,5 +117,5 @@ def test_load_refuses_directory_without_safetensors(tokenizer, tmp_path):
     model.config.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # pickled weights only
-    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors"):
         load_policy(tmp_path)

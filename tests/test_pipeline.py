@@ -1,0 +1,192 @@
+"""The whole pipeline end to end on a micro config: real games, real model, DeepSpeed, Prefect, MLflow.
+
+One local run is trained once per module and then resumed, partly killed and rerun; the same flow also runs
+with its run on S3 (a loopback S3-protocol server).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from dypo.cli import app
+from dypo.schemas.tables import BATCH, EPISODES, EVAL_METRICS, TRAIN_METRICS, TURNS
+from dypo.stages.commit import read_committed
+from dypo.stages.config import parse_config
+from dypo.stages.context import create_run, open_run
+
+MICRO = {
+    "run": {"name": "micro", "iterations": 1},
+    "env": {"num_locations": 2, "max_turns": 4},
+    "model": {"vocab_size": 400, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+              "intermediate_size": 64, "tokenizer_corpus_tasks": 16},
+    "warmstart": {"expert_tasks": 16, "steps": 3, "batch_size": 8},
+    "rollout": {"groups": 2, "group_size": 3, "batch_episodes": 6, "sampling": {"max_new_tokens": 20}},
+    "filter": {"target_groups": 1, "max_extra_draws": 1},
+    "optimize": {"micro_batch_episodes": 3},
+    "evaluate": {"tasks": 4, "max_new_tokens": 20},
+}
+STAGES_OF_ITERATION = ["rollout", "filter", "optimize", "publish", "evaluate"]
+pytestmark = pytest.mark.slow
+
+
+def micro_config(tmp: Path, **tracking):
+    return parse_config({**MICRO, "tracking": {"mlflow_uri": f"sqlite:///{tmp}/mlflow.db", **tracking}})
+
+
+def manifests(run_uri: str) -> dict[tuple[str, int], str]:
+    store = open_run(run_uri).store
+    found = {}
+    for iteration, stages in [(0, ["warmstart", "publish", "evaluate"]), (1, STAGES_OF_ITERATION)]:
+        for stage in stages:
+            committed = read_committed(store, stage, iteration)
+            assert committed is not None, f"{stage} of iteration {iteration} did not commit"
+            found[(stage, iteration)] = committed.sha256
+    return found
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, prefect_harness):
+    from dypo.flows.train import train
+
+    tmp = tmp_path_factory.mktemp("local")
+    os.environ["DYPO_CACHE_DIR"] = str(tmp / "cache")
+    ctx = create_run(str(tmp / "run"), micro_config(tmp))
+    evaluations = train(ctx.store.uri)
+    return ctx.store.uri, evaluations
+
+
+def test_local_run_commits_every_stage_with_valid_artifacts(local_run):
+    run_uri, evaluations = local_run
+    manifests(run_uri)
+    store = open_run(run_uri).store
+    turns = store.read_table("iter-000001/rollout/turns.parquet", TURNS).to_pylist()
+    episodes = store.read_table("iter-000001/rollout/episodes.parquet", EPISODES).to_pylist()
+    assert len(episodes) == 6 and {e["split"] for e in episodes} == {"train"}
+    assert all(t["observation"] and t["generated_token_ids"] and t["context_token_ids"] for t in turns)
+    assert {t["episode_id"] for t in turns} == {e["episode_id"] for e in episodes}
+    batch = store.read_table("iter-000001/filter/batch.parquet", BATCH).to_pylist()
+    assert all(b["reason"] for b in batch)
+    assert all((b["advantage"] is not None) == b["accepted"] for b in batch)
+    store.read_table("iter-000001/optimize/metrics.parquet", TRAIN_METRICS)
+    assert store.exists("iter-000001/optimize/checkpoint/model.safetensors")
+    assert store.exists("iter-000001/optimize/optimizer/optimizer.safetensors")
+    metrics = store.read_table("iter-000001/evaluate/metrics.parquet", EVAL_METRICS).to_pylist()
+    held_out = store.read_table("iter-000001/evaluate/episodes.parquet", EPISODES).to_pylist()
+    assert {e["split"] for e in held_out} == {"heldout"} and len(held_out) == 4
+    overall = next(m for m in metrics if m["task_type"] == "all")
+    assert overall["success_rate"] == sum(e["success"] for e in held_out) / 4
+    assert [e.iteration for e in evaluations] == [0, 1]
+
+
+def test_mlflow_has_metrics_params_tags_and_registry(local_run):
+    run_uri, _ = local_run
+    config = open_run(run_uri).config
+    client = MlflowClient(config.tracking.mlflow_uri)
+    experiment = client.get_experiment_by_name("dypo")
+    [run] = client.search_runs([experiment.experiment_id], f"tags.`dypo.run_uri` = '{run_uri}'")
+    assert run.data.params["rollout.group_size"] == "3"
+    history = client.get_metric_history(run.info.run_id, "evaluate/success_rate")
+    assert sorted(m.step for m in history) == [0, 1]
+    for key in ("rollout/generated_tokens_per_s", "filter/accepted_groups", "optimize/updates", "time/rollout_s"):
+        assert key in run.data.metrics, key
+    assert run.data.tags["parquet.iter-000001.rollout.turns"].endswith("iter-000001/rollout/turns.parquet")
+    versions = client.search_model_versions("name = 'dypo-tiny'")
+    assert len(versions) == 2
+    candidate = client.get_model_version_by_alias("dypo-tiny", "candidate")
+    assert candidate.source.endswith("iter-000001/optimize/checkpoint")
+    assert client.get_model_version_by_alias("dypo-tiny", "champion").version in {"1", "2"}
+
+
+def test_rerunning_the_flow_skips_every_committed_stage(local_run, prefect_harness):
+    from dypo.flows.train import train
+
+    run_uri, _ = local_run
+    before = manifests(run_uri)
+    train(run_uri)
+    assert manifests(run_uri) == before
+
+
+def test_cli_stage_without_force_skips_and_with_force_rewrites(local_run):
+    run_uri, _ = local_run
+    before = manifests(run_uri)
+    result = CliRunner().invoke(app, ["stage", "filter", "--run", run_uri, "--iter", "1"])
+    assert result.exit_code == 0, result.output
+    assert manifests(run_uri) == before
+    result = CliRunner().invoke(app, ["stage", "filter", "--run", run_uri, "--iter", "1", "--force"])
+    assert result.exit_code == 0, result.output
+    after = manifests(run_uri)
+    assert after[("filter", 1)] != before[("filter", 1)]
+    assert {k: v for k, v in after.items() if k != ("filter", 1)} == {
+        k: v for k, v in before.items() if k != ("filter", 1)}
+
+
+def test_stage_killed_before_its_manifest_leaves_nothing_visible_and_reruns_cleanly(local_run):
+    run_uri, _ = local_run
+    store = open_run(run_uri).store
+    killer = (
+        "import os, signal, sys\n"
+        "from dypo.stages.storage import RunStore\n"
+        "write = RunStore.write_bytes\n"
+        "def dying(self, key, data):\n"
+        "    if key.endswith('evaluate/manifest.json'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return write(self, key, data)\n"
+        "RunStore.write_bytes = dying\n"
+        "from dypo.stages.registry import run_stage\n"
+        "run_stage(sys.argv[1], 'evaluate', 1, force=True)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", killer, run_uri], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert store.exists("iter-000001/evaluate/episodes.parquet"), "the stage should have died after its outputs"
+    assert read_committed(store, "evaluate", 1) is None
+    result = CliRunner().invoke(app, ["stage", "publish", "--run", run_uri, "--iter", "1"])
+    assert result.exit_code == 0
+    result = CliRunner().invoke(app, ["stage", "evaluate", "--run", run_uri, "--iter", "1"])
+    assert result.exit_code == 0, result.output
+    assert read_committed(store, "evaluate", 1) is not None
+    assert store.list_files("iter-000001/evaluate") == [f"iter-000001/evaluate/{name}" for name in (
+        "episodes.parquet", "manifest.json", "metrics.parquet", "turns.parquet")]
+
+
+def test_a_stage_of_an_uncommitted_iteration_is_refused(local_run):
+    run_uri, _ = local_run
+    result = CliRunner().invoke(app, ["stage", "optimize", "--run", run_uri, "--iter", "5"])
+    assert result.exit_code == 2
+    assert "stage 'filter' of iteration 5 has not committed" in result.output
+
+
+def test_rerun_stage_flow_rewrites_one_stage(local_run, prefect_harness):
+    from dypo.flows.train import rerun_stage
+
+    run_uri, _ = local_run
+    before = manifests(run_uri)
+    summary = rerun_stage(run_uri, "evaluate", 0)
+    assert not summary.skipped
+    after = manifests(run_uri)
+    assert after[("evaluate", 0)] != before[("evaluate", 0)]
+    assert after[("warmstart", 0)] == before[("warmstart", 0)]
+
+
+def test_the_same_flow_runs_with_its_run_on_s3(s3_bucket, tmp_path, prefect_harness):
+    from dypo.flows.train import train
+
+    ctx = create_run(f"s3://{s3_bucket}/runs/micro", micro_config(tmp_path))
+    evaluations = train(ctx.store.uri)
+    assert [e.iteration for e in evaluations] == [0, 1]
+    manifests(ctx.store.uri)
+    keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    for key in ("runs/micro/run.json", "runs/micro/iter-000001/rollout/turns.parquet",
+                "runs/micro/iter-000001/optimize/checkpoint/model.safetensors",
+                "runs/micro/iter-000001/evaluate/metrics.parquet"):
+        assert key in keys
+    candidate = MlflowClient(ctx.config.tracking.mlflow_uri).get_model_version_by_alias("dypo-tiny", "candidate")
+    assert candidate.source == f"s3://{s3_bucket}/runs/micro/iter-000001/optimize/checkpoint"
