@@ -37,7 +37,7 @@ def group_advantages(returns: Sequence[float], group_ids: Sequence[str], std_nor
         deviations = [value - mean for value in shifted]
         scale = math.sqrt(math.fsum(d * d for d in deviations) / len(deviations)) + eps if std_normalize else 1.0
         for i, deviation in zip(indices, deviations, strict=True):
-            advantages[i] = deviation / scale
+            advantages[i] = deviation / scale if scale else 0.0  # scale is 0 only for an all-equal group, eps=0
     return advantages
 
 

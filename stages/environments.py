@@ -5,18 +5,23 @@ take it; taking it wins (score 1) and ends the game. Games are generated from in
 TextWorldExpress (TWX) splits the seeds into folds: train 0-999, dev 10000-10999, test 20000-20999. Our "train"
 tasks draw train-fold seeds and "heldout" tasks test-fold seeds, so the two sets are disjoint by construction.
 
-Each TWX instance is its own JVM (~0.6 s to start, ~84 MB) holding one game; resetting it to another seed takes
-milliseconds. So sessions live in an `EnvPool` and are reused across episodes instead of started per episode.
+Each TWX instance is its own JVM (~0.5 s to start, 65-95 MB) holding one game; resetting it to another seed
+takes about a millisecond. So sessions live in an `EnvPool` and are reused across episodes, not started per episode.
+A JVM that fails raises `EnvError`, which costs the episode, and the pool replaces that session.
 
 Observations are made compact for a tiny policy with a short context. TWX describes a room in prose with filler
 ("In one part of the room you see a …"); we keep what the prose says but not the filler, and when the text is
 longer than `env.max_observation_chars` we drop furniture from the end of the list, never the room, the coin
 or the exits, and say how many things were left out. The admissible-commands list is never put in the text (it
 would dominate the context); callers get it from `admissible_commands()`.
+
+Expert demonstrations for the warm start come from a deterministic explorer played through the real game (see
+the last section for why not from TWX's own walkthroughs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 from collections.abc import Callable
@@ -200,7 +205,7 @@ class TwxSession:
         try:
             self._twx.load(GAME, game_params(env))
         except ValueError as error:  # TWX's own limits, e.g. at most 11 locations and 10 distractor items
-            self._twx.close()
+            self.close()
             raise ValueError(f"env config not playable by TextWorldExpress {GAME}: {error}") from None
         self._task: Task | None = None
         self._info: dict[str, Any] = {}
@@ -225,23 +230,14 @@ class TwxSession:
             task = self._task.task_id if self._task else "no task"
             raise EnvError(f"TextWorldExpress failed during {what} ({task}): {error}") from error
 
-    def _start(self, task: Task, with_walkthrough: bool) -> None:
+    def reset(self, task: Task) -> str:
         if task.family != self.env.family or task.task_type != GAME or task.split not in _TWX_FOLD:
             raise ValueError(f"task {task.task_id} ({task.family}/{task.task_type}/{task.split}) is not a "
                              f"{self.env.family} task")
         self._task = task
-        _, self._info = self._guarded("reset", lambda: self._twx.reset(
-            seed=task.seed, gameFold=_TWX_FOLD[task.split], generateGoldPath=with_walkthrough))
+        _, self._info = self._guarded("reset", lambda: self._twx.reset(seed=task.seed, gameFold=_TWX_FOLD[task.split]))
         self._done = False
-
-    def reset(self, task: Task) -> str:
-        self._start(task, with_walkthrough=False)
         return compact_observation(self._info["taskDescription"], self.look, self.env.max_observation_chars)
-
-    def walkthrough(self, task: Task) -> list[str]:
-        """The game's gold action sequence for `task`; leaves the session reset to the task's start."""
-        self._start(task, with_walkthrough=True)
-        return self._guarded("walkthrough", self._twx.getGoldActionSequence)
 
     def step(self, action: str) -> StepResult:
         if self._task is None or self._done:
@@ -270,10 +266,8 @@ class TwxSession:
         A crashed JVM is already gone, which is fine.
         """
         process = self._twx._gateway.java_process
-        try:
+        with contextlib.suppress(Py4JError, OSError):
             self._twx.close()
-        except (Py4JError, OSError):
-            pass
         try:
             process.wait(timeout=_JVM_EXIT_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -321,6 +315,13 @@ class EnvPool:
 
 
 # --- Expert demonstrations --------------------------------------------------------------------------------------
+#
+# TWX ships a gold walkthrough per game, but it is a random walk drawn afresh at every reset: the same game's
+# walkthrough took 8, 12, 10, 8, 14 and 26 steps on six resets, pacing between rooms already seen. Expert data
+# built from it would change from run to run (and with it the tokenizer trained on that text) and would teach
+# dithering for which no truthful reasoning exists. So the expert is a deterministic explorer that sees only what
+# the agent sees: take the coin when it is in view, otherwise open or walk through the first exit (north, south,
+# east, west) to a room not yet visited, otherwise walk back toward the nearest room that has such an exit.
 
 
 @dataclass(frozen=True)
@@ -330,80 +331,79 @@ class ExpertTurn:
     action: str
 
 
-_LOCATION_ONLY = re.compile(r"move (north|south|east|west)|look around|inventory")
-_MOVE = re.compile(r"move (north|south|east|west)")
-_OPEN = re.compile(r"open door to (north|south|east|west)")
+_DIRECTIONS = ("north", "south", "east", "west")
+_OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
+# The explorer wins the largest coin games (11 rooms) in at most ~35 steps; far more means it is broken.
+_EXPERT_STEP_CAP = 200
 
 
-def _without_detours(actions: list[str], looks: list[str]) -> list[str]:
-    """The walkthrough minus its detours: stretches of moves that come back to exactly where they started.
-
-    TWX's gold paths wander (a 4-room game can take 27 steps, pacing between two rooms), which would teach
-    dithering and admits no truthful reasoning. A stretch of moves, looks and inventory checks changes nothing
-    but the agent's position, and an identical room description (which includes the doors' states) means the
-    same room; so cutting such a stretch leaves exactly the same game state and the same later observations.
-    `looks[k]` is the room description before `actions[k]`.
-    """
-    kept: list[str] = []
-    k = 0
-    while k < len(actions):
-        back_to = k
-        m = k
-        while m < len(actions) and _LOCATION_ONLY.fullmatch(actions[m]):
-            m += 1
-            if looks[m] == looks[k]:
-                back_to = m
-        if back_to > k:
-            k = back_to
-        else:
-            kept.append(actions[k])
-            k += 1
-    return kept
+def _learn(known: dict[str, dict[str, str | None]], room: _Room) -> None:
+    """Record the exits of the room the agent is in; an open way into a known room is known from both sides."""
+    known[room.location] = dict(room.neighbours)
+    for direction, neighbour in room.neighbours.items():
+        if neighbour in known:
+            known[neighbour][_OPPOSITE[direction]] = room.location
 
 
-def _think(room: _Room | None, action: str, visited: set[str]) -> str:
-    """A short reasoning sentence that is true of what the agent has seen (kept brief: CPU generation cost)."""
-    if room is None:
-        return f"I try {action}."
-    if action == "take coin" and _COIN in room.things:
-        return "The coin is here, so I take it."
-    no_coin = "" if _COIN in room.things else "No coin here. "
-    if (opening := _OPEN.fullmatch(action)) and room.neighbours.get(opening.group(1), "") is None:
-        return f"{no_coin}I open the closed door to the {opening.group(1)}."
-    if (move := _MOVE.fullmatch(action)) and (target := room.neighbours.get(move.group(1))):
-        if target in visited:
-            return f"{no_coin}I go back {move.group(1)} to the {target}."
-        return f"{no_coin}The {target} to the {move.group(1)} is unexplored."
-    if action == "look around":
-        return "I look around the room."
-    return f"{no_coin}I try {action}."
+def _unexplored(known: dict[str, dict[str, str | None]], location: str) -> list[str]:
+    """Directions from a visited room that lead behind a closed door or into a room not yet visited."""
+    exits = known[location]
+    return [d for d in _DIRECTIONS if d in exits and (exits[d] is None or exits[d] not in known)]
+
+
+def _way_back(known: dict[str, dict[str, str | None]], start: str) -> str | None:
+    """The first direction of a shortest walk through visited rooms to one with an unexplored exit."""
+    first_step: dict[str, str] = {}  # visited room -> the direction to leave `start` by to reach it
+    queue = [start]
+    for location in queue:
+        if location != start and _unexplored(known, location):
+            return first_step[location]
+        for direction in _DIRECTIONS:
+            neighbour = known[location].get(direction)
+            if neighbour in known and neighbour != start and neighbour not in first_step:
+                first_step[neighbour] = first_step.get(location, direction)
+                queue.append(neighbour)
+    return None
+
+
+def _expert_step(known: dict[str, dict[str, str | None]], room: _Room) -> tuple[str, str]:
+    """The explorer's (think, action) in `room`; the think states the fact the choice rests on."""
+    if _COIN in room.things:
+        return "The coin is here, so I take it.", "take coin"
+    if options := _unexplored(known, room.location):
+        direction = options[0]
+        if room.neighbours[direction] is None:
+            return f"No coin here. I open the closed door to the {direction}.", f"open door to {direction}"
+        return f"No coin here. The {room.neighbours[direction]} to the {direction} is unexplored.", f"move {direction}"
+    direction = _way_back(known, room.location)
+    if direction is None:
+        raise RuntimeError(f"every room reachable from the {room.location} was explored and no coin was found")
+    return f"No coin here. I go back {direction} to the {room.neighbours[direction]}.", f"move {direction}"
 
 
 def expert_turns(env: EnvConfig, task: Task, session: GameSession) -> list[ExpertTurn]:
-    """An expert episode of `task`: its gold walkthrough without detours, played through the real game.
+    """A winning expert episode of `task`, played by the deterministic explorer through the real game.
 
-    Raises if the game does not end in a win exactly at the last action, so expert data is never a failed game.
+    Raises if the game is not won, so expert data is never a failed game. The episode is not cut at
+    `env.max_turns`: in larger houses the explorer can need more turns (4 rooms: at most 8; 5 rooms: 10% of games
+    take 11-12), and whether such demonstrations are useful is the caller's decision.
     """
     if not isinstance(session, TwxSession) or session.env != env:
         raise ValueError("expert_turns needs a TextWorldExpress session built for the same env config")
-    gold = session.walkthrough(task)
-    looks = [session.look]
-    for action in gold:
-        session.step(action)
-        looks.append(session.look)
-    actions = _without_detours(gold, looks)
-
     observation = session.reset(task)
-    visited: set[str] = set()
+    known: dict[str, dict[str, str | None]] = {}
     turns: list[ExpertTurn] = []
-    for index, action in enumerate(actions):
+    for _ in range(_EXPERT_STEP_CAP):
         room = _parse_room(session.look)
-        if room is not None:
-            visited.add(room.location)
-        turns.append(ExpertTurn(observation, _think(room, action, visited), action))
+        if room is None:
+            raise RuntimeError(f"cannot read the room description of {task.task_id}: {session.look!r}")
+        _learn(known, room)
+        think, action = _expert_step(known, room)
+        turns.append(ExpertTurn(observation, think, action))
         result = session.step(action)
-        if result.done != (index == len(actions) - 1) or (result.done and not result.won):
-            raise RuntimeError(f"the walkthrough of {task.task_id} does not end in a win at its last action "
-                               f"(turn {index}: {action!r} gave done={result.done}, won={result.won})")
+        if result.done:
+            if not result.won:
+                raise RuntimeError(f"the expert lost {task.task_id} at turn {len(turns)} ({action!r})")
+            return turns
         observation = result.observation
-    return turns
+    raise RuntimeError(f"the expert did not win {task.task_id} within {_EXPERT_STEP_CAP} steps")

@@ -1,14 +1,17 @@
 """The batched multi-turn rollout engine: the policy plays episodes against game sessions.
 
-Each turn, every still-running episode of a batch generates together from its whole context (left-padded, one
-prefill, then token by token with a KV cache), stopping at `</action>`. The action goes to the game and the
-game's observation becomes the next context piece. Records keep the exact token ids the model saw and sampled,
-plus the log-probabilities of the sampled tokens under the distribution they were drawn from, so the optimize
-stage trains on precisely this sequence and can audit the gap between its own log-probs and the sampler's.
+Episodes are played a batch at a time. Each turn, every still-running episode of the batch generates together,
+token by token, stopping at `</action>`. The action goes to the game and the game's observation becomes the
+next context piece. Records keep the exact token ids the model saw and sampled, plus the log-probabilities of
+the sampled tokens under the distribution they were drawn from, so the optimize stage trains on precisely this
+sequence and can audit the gap between its own log-probs and the sampler's.
 
-The loop is our own rather than `generate`: it needs a seeded generator (reproducible rollouts without touching
-global RNG state), the log-probs after temperature and top-p, and it drops finished rows from the batch.
-A cache kept per episode across turns (no re-prefill of the history) is a later step.
+The batch keeps one KV cache across all its turns, so a turn encodes only its new observation instead of the
+whole history again: re-encoding would make a turn's cost grow with the square of the episode's length, and
+dominates a 10-turn episode. Episodes leave the cache when they end.
+
+The loop is our own rather than `generate`: it needs that cache across turns, a seeded generator (reproducible
+rollouts without touching global RNG state), and the log-probs after temperature and top-p.
 """
 
 from __future__ import annotations
@@ -61,64 +64,85 @@ def _draw(
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _left_padded(contexts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(context) for context in contexts)
-    input_ids = torch.full((len(contexts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(contexts), width), dtype=torch.long)
-    for row, context in enumerate(contexts):
-        input_ids[row, width - len(context):] = torch.tensor(context)
-        attention_mask[row, width - len(context):] = 1
+def _left_padded(chunks: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(chunk) for chunk in chunks)
+    input_ids = torch.full((len(chunks), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(chunks), width), dtype=torch.long)
+    for row, chunk in enumerate(chunks):
+        input_ids[row, width - len(chunk):] = torch.tensor(chunk)
+        attention_mask[row, width - len(chunk):] = 1
     return input_ids, attention_mask
 
 
-def _sample_batch(
-    model: PreTrainedModel,
-    contexts: Sequence[list[int]],
+class _BatchContext:
+    """The KV cache of a batch's running episodes, kept across turns so a turn encodes only what is new.
+
+    Rows of different lengths leave holes (attention mask 0) wherever one row is padded or waits for another;
+    position ids count only real tokens, so every token gets the position (hence the log-probs) it has in the
+    unpadded sequence the optimize stage scores.
+    """
+
+    def __init__(self, model: PreTrainedModel, rows: int) -> None:
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+        self.attention_mask = torch.zeros((rows, 0), dtype=torch.long)
+        self.next_position = torch.zeros(rows, dtype=torch.long)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop every row not in `rows` (episodes that ended)."""
+        self.cache.batch_select_indices(rows)
+        self.attention_mask, self.next_position = self.attention_mask[rows], self.next_position[rows]
+
+    def feed(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Append a [rows, width] block (mask 0 = hole) and return each row's next-token logits.
+
+        A row's logits mean something only if its last column is a real token, as in a left-padded chunk.
+        """
+        position_ids = self.next_position[:, None] + (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        self.attention_mask = torch.cat([self.attention_mask, mask], dim=-1)
+        self.next_position = self.next_position + mask.sum(dim=-1)
+        return self.model(
+            input_ids=input_ids, attention_mask=self.attention_mask, position_ids=position_ids,
+            past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+        ).logits[:, -1].float()
+
+
+def _generate_turn(
+    context: _BatchContext,
+    chunks: Sequence[list[int]],
     sampling: SamplingConfig,
     stop_ids: list[int],
     pad_id: int,
     generator: torch.Generator,
 ) -> list[_Sample]:
-    """Continue every context by one turn.
+    """Feed each row its new chunk, then sample one turn per row.
 
-    Position ids come from the attention mask, so a left-padded row gets the same positions (hence the same
-    log-probs) as its unpadded sequence in the optimize stage. Rows leave the batch and the KV cache as soon as
-    they stop, so a long turn does not make the finished ones pay for it.
+    A row's last sampled token (its stop token, or the last one the budget allowed) is not fed here: it opens
+    the row's next chunk. That keeps one rule for every way a turn ends. Rows that stopped wait as holes
+    while the others finish.
     """
-    input_ids, attention_mask = _left_padded(contexts, pad_id)
-    position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=cache, use_cache=True, logits_to_keep=1,
-    ).logits[:, -1]
-    next_position = position_ids[:, -1] + 1
+    logits = context.feed(*_left_padded(chunks, pad_id))
     stops = torch.tensor(stop_ids)
-    rows = torch.arange(len(contexts))  # the original index of each row still in the batch
-    tokens: list[list[int]] = [[] for _ in contexts]
-    logprob = [0.0] * len(contexts)
-    stopped = [False] * len(contexts)
+    live = torch.arange(len(chunks))  # rows still generating, in row order
+    tokens: list[list[int]] = [[] for _ in chunks]
+    logprob = [0.0] * len(chunks)
+    stopped = [False] * len(chunks)
     for step in range(sampling.max_new_tokens):
-        drawn, drawn_logprob = _draw(logits.float(), sampling, generator)
-        for row, token, token_logprob in zip(rows.tolist(), drawn.tolist(), drawn_logprob.tolist(), strict=True):
+        drawn, drawn_logprob = _draw(logits[live], sampling, generator)
+        for row, token, token_logprob in zip(live.tolist(), drawn.tolist(), drawn_logprob.tolist(), strict=True):
             tokens[row].append(token)
             logprob[row] += token_logprob
         finished = torch.isin(drawn, stops)
-        for row in rows[finished].tolist():
+        for row in live[finished].tolist():
             stopped[row] = True
-        if finished.all() or step == sampling.max_new_tokens - 1:
+        live, drawn = live[~finished], drawn[~finished]
+        if len(live) == 0 or step == sampling.max_new_tokens - 1:
             break
-        keep = (~finished).nonzero().squeeze(-1)
-        if finished.any():
-            cache.batch_select_indices(keep)
-        rows, attention_mask, next_position = rows[keep], attention_mask[keep], next_position[keep]
-        attention_mask = torch.cat([attention_mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=-1)
-        logits = model(
-            input_ids=drawn[keep][:, None], attention_mask=attention_mask, position_ids=next_position[:, None],
-            past_key_values=cache, use_cache=True,
-        ).logits[:, -1]
-        next_position = next_position + 1
-    return [_Sample(tokens[row], logprob[row], stopped[row]) for row in range(len(contexts))]
+        input_ids = torch.full((len(chunks), 1), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunks), 1), dtype=torch.long)
+        input_ids[live, 0], mask[live, 0] = drawn, 1
+        logits = context.feed(input_ids, mask)
+    return [_Sample(tokens[row], logprob[row], stopped[row]) for row in range(len(chunks))]
 
 
 @dataclass
@@ -127,7 +151,7 @@ class _Episode:
 
     record: EpisodeRecord
     session: GameSession
-    sequence: list[int]  # every token so far: context and generated pieces of the turns already played
+    carried: list[int]  # the previous turn's last token, not yet in the KV cache (see _generate_turn)
     pending_ids: list[int]  # the context piece to append before the next generation
     observation: str  # the text behind pending_ids
 
@@ -183,7 +207,7 @@ def _play_turn(
         sampling_logprob=sample.logprob,
         latency_s=generation_s + time.perf_counter() - started,
     ))
-    episode.sequence += episode.pending_ids + sample.token_ids
+    episode.carried = sample.token_ids[-1:]
     if error is not None:
         episode.end("env_error", error)
     elif done:
@@ -230,19 +254,22 @@ def play_episodes(
         generator = _batch_generator(seed, batch_index)
         sessions = pool.sessions(len(batch))
         episodes = [_start(spec, session, tokenizer) for spec, session in zip(batch, sessions, strict=True)]
+        rows = [episode for episode in episodes if episode.running]  # the episodes in the KV cache, in row order
+        context = _BatchContext(model, len(rows))
         for _ in range(max_turns):
-            running = [episode for episode in episodes if episode.running]
+            running = [row for row, episode in enumerate(rows) if episode.running]
             if not running:
                 break
+            if len(running) < len(rows):
+                context.keep(torch.tensor(running))
+                rows = [rows[row] for row in running]
             started = time.perf_counter()
-            samples = _sample_batch(
-                model, [episode.sequence + episode.pending_ids for episode in running],
-                sampling, stop_ids, tokenizer.pad_token_id, generator,
-            )
+            samples = _generate_turn(context, [episode.carried + episode.pending_ids for episode in rows],
+                                     sampling, stop_ids, tokenizer.pad_token_id, generator)
             generation_s = time.perf_counter() - started
-            for episode, sample in zip(running, samples, strict=True):
+            for episode, sample in zip(rows, samples, strict=True):
                 _play_turn(episode, sample, tokenizer, generation_s)
-            turns_played += len(running)
+            turns_played += len(rows)
             if on_turn is not None:
                 on_turn(turns_played)
         for episode in episodes:

@@ -77,9 +77,9 @@ class DeepSpeedTrainer:
                loss_fn: Callable[[torch.nn.Module, MicroBatch], tuple[Tensor, dict[str, float]]]) -> dict[str, float]:
         """Accumulate gradients over all micro-batches, then take exactly one optimizer step.
 
-        `loss_fn(engine, micro_batch)` returns the micro-batch's loss and statistics, both already normalised by
-        the whole batch (see dypo_loss), so they are summed here: the result is the batch's loss and means.
-        `grad_norm` is the global gradient norm before clipping.
+        `loss_fn(engine, micro_batch)` (call the engine like the model) returns the micro-batch's loss and
+        statistics, both already normalised by the whole batch (see dypo_loss), so they are summed here: the
+        result holds the batch's loss and means, plus `grad_norm`, the global gradient norm before clipping.
         """
         if not micro_batches:
             raise ValueError("an update needs at least one micro-batch")
@@ -93,10 +93,10 @@ class DeepSpeedTrainer:
             totals["loss"] += loss.item()
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value
-        # ZeRO 1/2 report the norm they clip with; stage 0 does not, so measure the reduced gradients ourselves.
-        stage0_norm = self._gradient_norm() if self.zero_stage == 0 else None
+        # ZeRO 1/2 report the norm they clip with; stage 0 does not, so measure its reduced gradients before the step.
+        grad_norm = self._gradient_norm() if self.zero_stage == 0 else None
         self.engine.step()
-        totals["grad_norm"] = stage0_norm if stage0_norm is not None else float(self.engine.get_global_grad_norm())
+        totals["grad_norm"] = grad_norm if grad_norm is not None else float(self.engine.get_global_grad_norm())
         return totals
 
     def _gradient_norm(self) -> float:
@@ -146,7 +146,7 @@ class DeepSpeedTrainer:
         if self.zero_stage == 0:
             for name, param in params.items():
                 base.state[param] = {"step": torch.tensor(float(step)),
-                                     **{key: tensors[f"{key}/{name}"].to(param.device).clone() for key in _MOMENTS}}
+                                     **{key: tensors[f"{key}/{name}"].to(param.device) for key in _MOMENTS}}
             return
 
         # ZeRO keeps one flat fp32 partition per group; create its state, point each parameter's fragment at

@@ -165,6 +165,7 @@ def test_group_advantages_have_zero_mean_per_group(rows: list[tuple[str, float]]
 @given(st.floats(-1e6, 1e6, allow_nan=False), st.integers(1, 16), st.booleans())
 def test_an_all_equal_group_gets_exactly_zero_advantage(value: float, size: int, std_normalize: bool) -> None:
     assert group_advantages([value] * size, ["g"] * size, std_normalize, eps=1e-6) == [0.0] * size
+    assert group_advantages([value] * size, ["g"] * size, std_normalize, eps=0.0) == [0.0] * size
 
 
 def test_group_advantages_use_the_population_std_in_input_order() -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from dypo.stages.turn_format import SYSTEM_PROMPT, MalformedReason, ParsedTurn, parse_turn, render_turn
 from hypothesis import given
 from hypothesis import strategies as st
+
+from dypo.stages.turn_format import SYSTEM_PROMPT, MalformedReason, ParsedTurn, parse_turn, render_turn
 
 R = MalformedReason
 
