@@ -7,6 +7,7 @@ of training on a silently misaligned column three stages later.
 from __future__ import annotations
 
 import pyarrow as pa
+
 from dypo.schemas.tables import NAME_KEY, VERSION_KEY, TableSpec
 
 

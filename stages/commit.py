@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+from pydantic import ValidationError
+
+from dypo import code_version
 from dypo.schemas.manifest import MANIFEST_VERSION, Manifest, OutputFile
 from dypo.schemas.tables import TableSpec
 from dypo.schemas.validate import SchemaError, build_table
 from dypo.stages.storage import RunStore, StoredObject
-from pydantic import ValidationError
-
-from dypo import code_version
 
 
 class StageNotComplete(RuntimeError):

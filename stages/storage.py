@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
 from dypo.schemas.tables import TableSpec
 from dypo.schemas.validate import conform
 
