@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -201,7 +203,7 @@ def _play_turn(
         think=parsed.think,
         action=parsed.action,
         malformed=parsed.malformed,
-        malformed_reason=parsed.reason,
+        malformed_reason=None if parsed.reason is None else parsed.reason.value,
         env_reward=reward,
         done=done,
         sampling_logprob=sample.logprob,
@@ -243,37 +245,39 @@ def play_episodes(
     the number n of turns played so far over all episodes, to drive a progress bar.
 
     A turn's latency is the wall time of the batched generation it was part of plus its own parsing and game
-    step, i.e. what the episode waited for.
+    step, i.e. what the episode waited for. The games of a batch reset and step concurrently: each session is
+    its own engine process, so threads overlap their round trips (the sampling stays on this thread, so the
+    records do not depend on thread timing).
     """
     model.eval()
     stop_ids = stop_token_ids(tokenizer)
     records: list[EpisodeRecord] = []
     turns_played = 0
-    for batch_index, start in enumerate(range(0, len(specs), batch_episodes)):
-        batch = specs[start:start + batch_episodes]
-        generator = _batch_generator(seed, batch_index)
-        sessions = pool.sessions(len(batch))
-        episodes = [_start(spec, session, tokenizer) for spec, session in zip(batch, sessions, strict=True)]
-        rows = [episode for episode in episodes if episode.running]  # the episodes in the KV cache, in row order
-        context = _BatchContext(model, len(rows))
-        for _ in range(max_turns):
-            running = [row for row, episode in enumerate(rows) if episode.running]
-            if not running:
-                break
-            if len(running) < len(rows):
-                context.keep(torch.tensor(running))
-                rows = [rows[row] for row in running]
-            started = time.perf_counter()
-            samples = _generate_turn(context, [episode.carried + episode.pending_ids for episode in rows],
-                                     sampling, stop_ids, tokenizer.pad_token_id, generator)
-            generation_s = time.perf_counter() - started
-            for episode, sample in zip(rows, samples, strict=True):
-                _play_turn(episode, sample, tokenizer, generation_s)
-            turns_played += len(rows)
-            if on_turn is not None:
-                on_turn(turns_played)
-        for episode in episodes:
-            if episode.running:
-                episode.end("max_turns")
-        records.extend(episode.record for episode in episodes)
+    with ThreadPoolExecutor(max_workers=batch_episodes, thread_name_prefix="game") as games:
+        for batch_index, start in enumerate(range(0, len(specs), batch_episodes)):
+            batch = specs[start:start + batch_episodes]
+            generator = _batch_generator(seed, batch_index)
+            episodes = list(games.map(_start, batch, pool.sessions(len(batch)), repeat(tokenizer)))
+            # The episodes in the KV cache, in row order.
+            rows = [episode for episode in episodes if episode.running]
+            context = _BatchContext(model, len(rows))
+            for _ in range(max_turns):
+                running = [row for row, episode in enumerate(rows) if episode.running]
+                if not running:
+                    break
+                if len(running) < len(rows):
+                    context.keep(torch.tensor(running))
+                    rows = [rows[row] for row in running]
+                started = time.perf_counter()
+                samples = _generate_turn(context, [episode.carried + episode.pending_ids for episode in rows],
+                                         sampling, stop_ids, tokenizer.pad_token_id, generator)
+                generation_s = time.perf_counter() - started
+                list(games.map(_play_turn, rows, samples, repeat(tokenizer), repeat(generation_s)))
+                turns_played += len(rows)
+                if on_turn is not None:
+                    on_turn(turns_played)
+            for episode in episodes:
+                if episode.running:
+                    episode.end("max_turns")
+            records.extend(episode.record for episode in episodes)
     return records

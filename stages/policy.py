@@ -128,16 +128,16 @@ def save_policy(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, dir
 def load_policy(directory: Path) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
     """Load a saved policy in float32 and eval mode.
 
-    Only safetensors weights are accepted (a pickled `.bin` can run code on load) and no remote code is trusted,
-    so loading a checkpoint from shared storage cannot execute anything.
+    Only safetensors weights are accepted (a pickled `.bin` can run code on load), the model class is fixed and
+    no remote code is trusted, so loading a checkpoint from shared storage cannot execute anything.
     """
+    if not directory.is_dir():
+        raise FileNotFoundError(f"policy directory {directory} does not exist")
     if not any(directory.glob("*.safetensors")):
         raise FileNotFoundError(
             f"{directory} holds no *.safetensors weights; a policy directory is written by save_policy "
             "(or any save_pretrained(safe_serialization=True)), and pickled .bin weights are refused"
         )
-    model = Qwen2ForCausalLM.from_pretrained(
-        directory, use_safetensors=True, trust_remote_code=False, dtype=torch.float32
-    )
+    model = Qwen2ForCausalLM.from_pretrained(directory, use_safetensors=True, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     return model.eval(), tokenizer
