@@ -49,10 +49,14 @@ class RunContext:
         committed = require_committed(self.store, stage, iteration)
         return committed, f"{committed.directory}/checkpoint"
 
+    def local_copy(self, committed: CommittedStage, name: str) -> Path:
+        """A local directory with the output directory `name` of a committed stage (downloaded once from S3)."""
+        return self.store.local_dir(f"{committed.directory}/{name}", self.cache / "downloads", committed.sha256)
+
     def checkpoint_dir(self, iteration: int) -> Path:
-        """A local directory with the policy after `iteration` (downloaded once when the run lives on S3)."""
-        committed, key = self.checkpoint(iteration)
-        return self.store.local_dir(key, self.cache / "checkpoints", committed.sha256)
+        """A local directory with the policy after `iteration`."""
+        committed, _ = self.checkpoint(iteration)
+        return self.local_copy(committed, "checkpoint")
 
 
 def default_mlflow_uri() -> str:

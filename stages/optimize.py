@@ -97,12 +97,11 @@ def optimize(ctx: RunContext, iteration: int, force: bool = False) -> StageOutco
     def body(writer):
         batch = ctx.store.read_table(f"{filtered.directory}/batch.parquet", BATCH)
         sequences = load_sequences(ctx, batch, filtered.manifest.details["draw_stages"].split(","))
-        previous_dir = ctx.checkpoint_dir(iteration - 1)
-        model, tokenizer = load_policy(previous_dir)
+        model, tokenizer = load_policy(ctx.checkpoint_dir(iteration - 1))
         trainer = DeepSpeedTrainer(model, learning_rate=cfg.learning_rate, zero_stage=cfg.zero_stage,
                                    max_grad_norm=cfg.max_grad_norm, extensions_dir=ctx.cache / "torch_extensions")
-        if iteration > 1:
-            trainer.load_optimizer(previous_dir.parent / "optimizer")
+        if iteration > 1:  # AdamW's moments travel from the previous optimize stage
+            trainer.load_optimizer(ctx.local_copy(policy, "optimizer"))
         rows = []
         if sequences:
             old = old_logprobs(trainer.model, sequences, tokenizer.pad_token_id, cfg.micro_batch_episodes)

@@ -2,9 +2,10 @@
 
 RL from a random policy on multi-turn games would never see a success, so every group would have zero variance
 and DyPO would have nothing to learn from. The warmstart trains a byte-level BPE tokenizer on the environment's
-own text, builds a randomly initialised Qwen2-architecture model, and fine-tunes it briefly on expert games
-(a deterministic explorer that wins every game, see `environments.expert_turns`) rendered in the exact `<think>…</think><action>…</action>` format the rollout engine samples.
-It is deliberately short: the policy should play the format and sometimes win, leaving room for RL.
+own text, builds a randomly initialised Qwen2-architecture model, and fine-tunes it briefly on expert games (a
+deterministic explorer that wins every game, see `environments.expert_turns`) rendered in the exact
+`<think>…</think><action>…</action>` format the rollout engine samples. It is deliberately short: the policy
+should play the format and sometimes win, leaving room for RL.
 """
 
 from __future__ import annotations

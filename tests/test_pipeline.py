@@ -180,9 +180,11 @@ def test_rerun_stage_flow_rewrites_one_stage(local_run, prefect_harness):
 def test_the_same_flow_runs_with_its_run_on_s3(s3_bucket, tmp_path, prefect_harness):
     from dypo.flows.train import train
 
-    ctx = create_run(f"s3://{s3_bucket}/runs/micro", micro_config(tmp_path))
+    two_iterations = micro_config(tmp_path).model_copy(update={"run": parse_config(
+        {"run": {**MICRO["run"], "iterations": 2}}).run})
+    ctx = create_run(f"s3://{s3_bucket}/runs/micro", two_iterations)
     evaluations = train(ctx.store.uri)
-    assert [e.iteration for e in evaluations] == [0, 1]
+    assert [e.iteration for e in evaluations] == [0, 1, 2]
     manifests(ctx.store.uri)
     keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]}
     for key in ("runs/micro/run.json", "runs/micro/iter-000001/rollout/turns.parquet",
@@ -190,4 +192,5 @@ def test_the_same_flow_runs_with_its_run_on_s3(s3_bucket, tmp_path, prefect_harn
                 "runs/micro/iter-000001/evaluate/metrics.parquet"):
         assert key in keys
     candidate = MlflowClient(ctx.config.tracking.mlflow_uri).get_model_version_by_alias("dypo-tiny", "candidate")
-    assert candidate.source == f"s3://{s3_bucket}/runs/micro/iter-000001/optimize/checkpoint"
+    assert candidate.source == f"s3://{s3_bucket}/runs/micro/iter-000002/optimize/checkpoint"
+    assert "runs/micro/iter-000002/optimize/optimizer/optimizer.safetensors" in keys
