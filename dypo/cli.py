@@ -78,6 +78,10 @@ def _print_results(run_uri: str, mlflow_uri: str, evaluations: list) -> None:
     console.print(f"MLflow: {mlflow_uri}   →  mlflow ui --backend-store-uri {mlflow_uri}")
     first, last = evaluations[0].metrics["success_rate"], evaluations[-1].metrics["success_rate"]
     console.print(f"held-out success: warmstart {first:.3f} → final {last:.3f}")
+    promoted = [e for e in evaluations if e.details.get("champion_moved") == "True"]
+    console.print(f"registry alias 'champion': iteration {promoted[-1].iteration} of this run "
+                  f"({promoted[-1].metrics['success_rate']:.3f})" if promoted else
+                  "registry alias 'champion': unchanged, an earlier run's model is at least as good")
     console.print(f"final evaluation success rate: {last:.3f}")
 
 

@@ -35,7 +35,7 @@ def train_iteration(run_uri: str, iteration: int) -> StageSummary:
     return _publish_and_evaluate(run_uri, iteration)
 
 
-@flow(name="dypo-train", log_prints=True)
+@flow(name="dypo-train")
 def train(run_uri: str) -> list[StageSummary]:
     """Warmstart (iteration 0, evaluated as the baseline), then the configured number of DyPO iterations.
 

@@ -40,7 +40,7 @@ class EnvConfig(Section):
 class ModelConfig(Section):
     """Shape of the locally built Qwen2-architecture policy (used only when warmstart builds it)."""
 
-    vocab_size: int = Field(1024, ge=300)
+    vocab_size: int = Field(1024, ge=300, description="upper bound: BPE stops early on repetitive game text")
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4

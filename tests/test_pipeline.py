@@ -15,6 +15,8 @@ from pathlib import Path
 import boto3
 import pytest
 from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterId
 from typer.testing import CliRunner
 
 from dypo.cli import app
@@ -165,13 +167,15 @@ def test_a_stage_of_an_uncommitted_iteration_is_refused(local_run):
     assert "stage 'filter' of iteration 5 has not committed" in result.output
 
 
-def test_rerun_stage_flow_rewrites_one_stage(local_run, prefect_harness):
-    from dypo.flows.train import rerun_stage
-
+def test_dypo_rerun_rewrites_one_stage_through_the_rerun_flow(local_run, prefect_harness):
     run_uri, _ = local_run
     before = manifests(run_uri)
-    summary = rerun_stage(run_uri, "evaluate", 0)
-    assert not summary.skipped
+    result = CliRunner().invoke(app, ["rerun", "--run", run_uri, "--iter", "0", "--stage", "evaluate"])
+    assert result.exit_code == 0, result.output
+    with get_client(sync_client=True) as client:
+        flow = client.read_flow_by_name("dypo-rerun-stage")
+        runs = client.read_flow_runs(flow_filter=FlowFilter(id=FlowFilterId(any_=[flow.id])))
+    assert [run.state.is_completed() for run in runs] == [True]
     after = manifests(run_uri)
     assert after[("evaluate", 0)] != before[("evaluate", 0)]
     assert after[("warmstart", 0)] == before[("warmstart", 0)]
