@@ -15,6 +15,7 @@ from pathlib import Path
 from dypo import code_version
 from dypo.stages.commit import CommittedStage, require_committed
 from dypo.stages.config import Config, ConfigError, parse_config
+from dypo.stages.environments import task_count
 from dypo.stages.storage import RunStore
 
 RUN_FILE = "run.json"
@@ -72,8 +73,23 @@ def resolve_config(config: Config) -> Config:
     return config.model_copy(update={"tracking": config.tracking.model_copy(update={"mlflow_uri": mlflow_uri})})
 
 
+def check_task_budget(config: Config) -> None:
+    """Refuse a config whose run would run out of fresh games part-way, before anything is trained."""
+    draws = config.run.iterations * (1 + config.filter.max_extra_draws) * config.rollout.groups
+    needed, available = config.warmstart.expert_tasks + draws, task_count(config.env, "train")
+    if needed > available:
+        raise ConfigError(
+            f"the run may need {needed} training games (warmstart.expert_tasks={config.warmstart.expert_tasks} + "
+            f"run.iterations x (1 + filter.max_extra_draws) x rollout.groups = {draws}) but {config.env.family} "
+            f"has {available}; lower one of these")
+    if config.evaluate.tasks > task_count(config.env, "heldout"):
+        raise ConfigError(f"evaluate.tasks={config.evaluate.tasks} exceeds the {task_count(config.env, 'heldout')} "
+                          f"held-out games of {config.env.family}")
+
+
 def create_run(run_uri: str, config: Config) -> RunContext:
     """Start a run, or reopen it when it was started with the same config (resume)."""
+    check_task_budget(config)
     store = RunStore(run_uri)
     config = resolve_config(config)
     if store.exists(RUN_FILE):

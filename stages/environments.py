@@ -80,6 +80,11 @@ def game_params(env: EnvConfig) -> str:
             f"numDistractorItems={env.num_distractor_items}")
 
 
+def task_count(env: EnvConfig, split: Literal["train", "heldout"]) -> int:
+    """How many distinct tasks a split holds."""
+    return len(_FOLD_SEEDS[split])
+
+
 def make_tasks(env: EnvConfig, split: Literal["train", "heldout"], count: int, start: int = 0) -> list[Task]:
     """Tasks `start` … `start + count - 1` of a split's fixed seed sequence.
 

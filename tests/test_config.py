@@ -5,6 +5,7 @@ from typer.testing import CliRunner
 
 from dypo.cli import app
 from dypo.stages.config import ConfigError, load_config, parse_config
+from dypo.stages.context import create_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -60,3 +61,19 @@ def test_config_show_reports_errors(tmp_path):
     result = CliRunner().invoke(app, ["config", "show", "--config", str(tmp_path / "c.yaml")])
     assert result.exit_code == 2
     assert "evaluate.tasks" in result.output
+
+
+def test_a_run_that_would_exhaust_the_games_is_refused_before_it_starts(tmp_path):
+    config = parse_config({"run": {"iterations": 200}, "tracking": {"mlflow_uri": f"sqlite:///{tmp_path}/m.db"}})
+    with pytest.raises(ConfigError, match=r"the run may need 5200 training games .* has 1000; lower one of these"):
+        create_run(str(tmp_path / "run"), config)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"evaluate\.tasks=5000 exceeds the 1000 held-out games"):
+        create_run(str(tmp_path / "run"), parse_config({"evaluate": {"tasks": 5000}}))
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+    create_run(str(tmp_path / "run"), parse_config({"tracking": {"mlflow_uri": f"sqlite:///{tmp_path}/m.db"}}))
+    changed = parse_config({"rollout": {"groups": 4}, "tracking": {"mlflow_uri": f"sqlite:///{tmp_path}/m.db"}})
+    with pytest.raises(ConfigError, match=r"was started with a different config .*sections differ: rollout"):
+        create_run(str(tmp_path / "run"), changed)
