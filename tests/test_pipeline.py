@@ -32,11 +32,12 @@ MICRO = {
               "intermediate_size": 64, "tokenizer_corpus_tasks": 16},
     "warmstart": {"expert_tasks": 16, "steps": 3, "batch_size": 8},
     "rollout": {"groups": 2, "group_size": 3, "batch_episodes": 6, "sampling": {"max_new_tokens": 20}},
-    "filter": {"target_groups": 1, "max_extra_draws": 1},
+    # a target no single draw can reach, so every iteration exercises auxiliary resampling
+    "filter": {"target_groups": 4, "max_extra_draws": 1},
     "optimize": {"micro_batch_episodes": 3},
     "evaluate": {"tasks": 4, "max_new_tokens": 20},
 }
-STAGES_OF_ITERATION = ["rollout", "filter", "optimize", "publish", "evaluate"]
+STAGES_OF_ITERATION = ["rollout", "rollout-aux-01", "filter", "optimize", "publish", "evaluate"]
 pytestmark = pytest.mark.slow
 
 
@@ -76,6 +77,10 @@ def test_local_run_commits_every_stage_with_valid_artifacts(local_run):
     assert all(t["observation"] and t["generated_token_ids"] and t["context_token_ids"] for t in turns)
     assert {t["episode_id"] for t in turns} == {e["episode_id"] for e in episodes}
     batch = store.read_table("iter-000001/filter/batch.parquet", BATCH).to_pylist()
+    auxiliary = store.read_table("iter-000001/rollout-aux-01/episodes.parquet", EPISODES).to_pylist()
+    assert {e["task_id"] for e in auxiliary}.isdisjoint(e["task_id"] for e in episodes), "fresh tasks expected"
+    assert {b["episode_id"] for b in batch} == {e["episode_id"] for e in episodes + auxiliary}
+    assert read_committed(store, "filter", 1).manifest.metrics["draws"] == 2
     assert all(b["reason"] for b in batch)
     assert all((b["advantage"] is not None) == b["accepted"] for b in batch)
     store.read_table("iter-000001/optimize/metrics.parquet", TRAIN_METRICS)
