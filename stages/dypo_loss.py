@@ -42,14 +42,15 @@ def group_advantages(returns: Sequence[float], group_ids: Sequence[str], std_nor
 
 
 def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                   with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                   with_entropy: bool = False, temperature: float = 1.0) -> tuple[Tensor, Tensor | None]:
     """Log-probability of every token given its prefix, [batch, seq], aligned with `input_ids`.
 
     Position 0 has no prefix and gets 0 (it is always a prompt token, so it never carries loss). With
     `with_entropy`, also the entropy of the distribution each token was drawn from (same alignment, else None),
-    to watch the policy collapse.
+    to watch the policy collapse. `temperature` scales the logits as the sampler did, so the policy being
+    optimised is the distribution the rollout actually drew from (pi = softmax(logits / T)).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / temperature
     log_probs = torch.log_softmax(logits, dim=-1)  # position t predicts token t + 1
     logp = log_probs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None

@@ -24,16 +24,19 @@ from dypo.schemas.tables import BATCH, EPISODES, EVAL_METRICS, TRAIN_METRICS, TU
 from dypo.stages.commit import read_committed
 from dypo.stages.config import parse_config
 from dypo.stages.context import create_run, open_run
+from dypo.stages.optimize import load_sequences, old_logprobs, sampling_logprob_gap
+from dypo.stages.policy import load_policy
 
 MICRO = {
     "run": {"name": "micro", "iterations": 1},
     "env": {"num_locations": 2, "max_turns": 4},
     "model": {"vocab_size": 400, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
               "intermediate_size": 64, "tokenizer_corpus_tasks": 16},
-    "warmstart": {"expert_tasks": 16, "steps": 3, "batch_size": 8},
+    "warmstart": {"expert_tasks": 16, "steps": 40, "batch_size": 8, "learning_rate": 5e-3},
     "rollout": {"groups": 2, "group_size": 3, "batch_episodes": 6, "sampling": {"max_new_tokens": 20}},
     # a target no single draw can reach, so every iteration exercises auxiliary resampling
-    "filter": {"target_groups": 4, "max_extra_draws": 1},
+    # keeps the barely trained policy's malformed episodes, so groups differ in return and optimize updates
+    "filter": {"target_groups": 4, "max_extra_draws": 1, "max_malformed_fraction": 1.0},
     "optimize": {"micro_batch_episodes": 3},
     "evaluate": {"tasks": 4, "max_new_tokens": 20},
 }
@@ -83,7 +86,8 @@ def test_local_run_commits_every_stage_with_valid_artifacts(local_run):
     assert read_committed(store, "filter", 1).manifest.metrics["draws"] == 2
     assert all(b["reason"] for b in batch)
     assert all((b["advantage"] is not None) == b["accepted"] for b in batch)
-    store.read_table("iter-000001/optimize/metrics.parquet", TRAIN_METRICS)
+    [update] = store.read_table("iter-000001/optimize/metrics.parquet", TRAIN_METRICS).to_pylist()
+    assert update["episodes"] == sum(b["accepted"] for b in batch) > 0
     assert store.exists("iter-000001/optimize/checkpoint/model.safetensors")
     assert store.exists("iter-000001/optimize/optimizer/optimizer.safetensors")
     metrics = store.read_table("iter-000001/evaluate/metrics.parquet", EVAL_METRICS).to_pylist()
@@ -203,3 +207,18 @@ def test_the_same_flow_runs_with_its_run_on_s3(s3_bucket, tmp_path, prefect_harn
     candidate = MlflowClient(ctx.config.tracking.mlflow_uri).get_model_version_by_alias("dypo-tiny", "candidate")
     assert candidate.source == f"s3://{s3_bucket}/runs/micro/iter-000002/optimize/checkpoint"
     assert "runs/micro/iter-000002/optimize/optimizer/optimizer.safetensors" in keys
+
+
+def test_optimize_scores_exactly_what_the_rollout_sampled(local_run):
+    """logp_old recomputed by the optimize stage equals the sampler's recorded log-probs (on-policy check), and
+    the audit metric does flag a mismatch: scoring at the wrong temperature."""
+    run_uri, _ = local_run
+    ctx = open_run(run_uri)
+    optimized = read_committed(ctx.store, "optimize", 1).manifest
+    assert optimized.metrics["sampling_logprob_gap"] < 1e-4
+    filtered = read_committed(ctx.store, "filter", 1)
+    batch = ctx.store.read_table(f"{filtered.directory}/batch.parquet", BATCH)
+    sequences, sampled = load_sequences(ctx, batch, filtered.manifest.details["draw_stages"].split(","))
+    model, tokenizer = load_policy(ctx.checkpoint_dir(0))
+    wrong = old_logprobs(model, sequences, tokenizer.pad_token_id, 4, temperature=1.0)
+    assert sampling_logprob_gap(sequences, wrong, sampled) > 0.01
