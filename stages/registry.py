@@ -25,6 +25,10 @@ from dypo.stages.warmstart import warmstart
 console = Console(stderr=True)
 transformers_logging.disable_progress_bar()  # our own progress display covers the stages
 
+STAGE_NAMES = ("warmstart", "rollout", "filter", "optimize", "publish", "evaluate")
+_HEADLINE = {"success_rate", "mean_return", "accepted_groups", "accepted_episodes", "loss", "sft_loss",
+             "grad_norm", "clip_fraction", "model_version", "promoted", "generated_tokens_per_s"}
+
 
 @dataclass(frozen=True)
 class StageSummary:
@@ -52,8 +56,6 @@ def _launch(name: str, ctx: RunContext, iteration: int, draw: int, force: bool) 
     return stages[name]()
 
 
-STAGE_NAMES = ("warmstart", "rollout", "filter", "optimize", "publish", "evaluate")
-
 
 def run_stage(run_uri: str, name: str, iteration: int, draw: int = 0, force: bool = False) -> StageSummary:
     """Run (or skip, when already committed with the same inputs) one stage of one iteration of a run."""
@@ -76,6 +78,3 @@ def run_stage(run_uri: str, name: str, iteration: int, draw: int = 0, force: boo
         tracking.log_iteration(ctx, iteration, metrics, parquet)
     return StageSummary(name, iteration, outcome.skipped, seconds, manifest.metrics, manifest.details)
 
-
-_HEADLINE = {"success_rate", "mean_return", "accepted_groups", "accepted_episodes", "loss", "sft_loss",
-             "grad_norm", "clip_fraction", "model_version", "promoted", "generated_tokens_per_s"}

@@ -77,3 +77,11 @@ def test_resuming_with_another_config_is_refused(tmp_path):
     changed = parse_config({"rollout": {"groups": 4}, "tracking": {"mlflow_uri": f"sqlite:///{tmp_path}/m.db"}})
     with pytest.raises(ConfigError, match=r"was started with a different config .*sections differ: rollout"):
         create_run(str(tmp_path / "run"), changed)
+
+
+def test_stage_command_names_unknown_stages_and_missing_runs(tmp_path):
+    missing = CliRunner().invoke(app, ["stage", "rollout", "--run", str(tmp_path / "nope"), "--iter", "1"])
+    assert missing.exit_code == 2 and "is not a dypo run" in missing.output
+    create_run(str(tmp_path / "run"), parse_config({"tracking": {"mlflow_uri": f"sqlite:///{tmp_path}/m.db"}}))
+    unknown = CliRunner().invoke(app, ["stage", "rollouts", "--run", str(tmp_path / "run"), "--iter", "1"])
+    assert unknown.exit_code == 2 and "unknown stage 'rollouts'" in unknown.output
