@@ -158,7 +158,6 @@ def commit_stage(
         host=socket.gethostname(),
         created_at=datetime.now(UTC),
     )
-    store.write_bytes(manifest_key(stage, iteration), manifest.model_dump_json(indent=2).encode())
-    committed = read_committed(store, stage, iteration)
-    assert committed is not None
-    return StageOutcome(committed, skipped=False)
+    key = manifest_key(stage, iteration)
+    stored = store.write_bytes(key, manifest.model_dump_json(indent=2).encode())
+    return StageOutcome(CommittedStage(manifest, stored.sha256, key), skipped=False)

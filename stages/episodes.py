@@ -48,6 +48,19 @@ def episode_return(record: EpisodeRecord, rewards: RolloutConfig) -> float:
     return base - rewards.malformed_penalty * record.malformed_turns
 
 
+def summarize(records: list[EpisodeRecord], rewards: RolloutConfig) -> dict[str, float]:
+    """Success, return, length and format quality of a set of episodes (0 for an empty set)."""
+    episodes = max(len(records), 1)
+    turns = sum(len(r.turns) for r in records)
+    return {
+        "episodes": len(records),
+        "success_rate": sum(r.won for r in records) / episodes,
+        "mean_return": sum(episode_return(r, rewards) for r in records) / episodes,
+        "mean_turns": turns / episodes,
+        "malformed_turn_rate": sum(r.malformed_turns for r in records) / max(turns, 1),
+    }
+
+
 def write_episodes(writer: StageWriter, ctx: RunContext, iteration: int, draw: int, result: PlayResult) -> None:
     """`episodes.parquet` and `turns.parquet` of one set of played episodes, plus their summary metrics."""
     turn_rows, episode_rows = [], []
@@ -76,14 +89,8 @@ def write_episodes(writer: StageWriter, ctx: RunContext, iteration: int, draw: i
         })
     writer.write_rows("turns.parquet", turn_rows, TURNS)
     writer.write_rows("episodes.parquet", episode_rows, EPISODES)
-    episodes = max(len(episode_rows), 1)
-    turns = max(len(turn_rows), 1)
     writer.metrics.update({
-        "episodes": len(episode_rows),
-        "success_rate": sum(r["success"] for r in episode_rows) / episodes,
-        "mean_return": sum(r["return"] for r in episode_rows) / episodes,
-        "mean_turns": len(turn_rows) / episodes,
-        "malformed_turn_rate": sum(r["malformed"] for r in turn_rows) / turns,
+        **summarize(result.records, ctx.config.rollout),
         "env_errors": sum(r["termination"] == "env_error" for r in episode_rows),
         "generated_tokens": result.generated_tokens,
         "generated_tokens_per_s": result.generated_tokens / max(result.seconds, 1e-9),

@@ -14,7 +14,7 @@ from dypo.stages.commit import StageOutcome, commit_stage, input_digest, require
 from dypo.stages.config import SamplingConfig
 from dypo.stages.context import RunContext
 from dypo.stages.environments import make_tasks
-from dypo.stages.episodes import episode_return, play, write_episodes
+from dypo.stages.episodes import play, summarize, write_episodes
 from dypo.stages.trajectory import EpisodeRecord, EpisodeSpec
 
 
@@ -24,17 +24,8 @@ def metric_rows(ctx: RunContext, iteration: int, records: list[EpisodeRecord]) -
     for record in records:
         by_type[record.spec.task.task_type].append(record)
         by_type["all"].append(record)
-    rows = []
-    for task_type, group in sorted(by_type.items()):
-        turns = sum(len(r.turns) for r in group)
-        rows.append({
-            "run": ctx.run_name, "iteration": iteration, "task_type": task_type, "episodes": len(group),
-            "success_rate": sum(r.won for r in group) / len(group),
-            "mean_return": sum(episode_return(r, ctx.config.rollout) for r in group) / len(group),
-            "mean_turns": turns / len(group),
-            "malformed_turn_rate": sum(r.malformed_turns for r in group) / max(turns, 1),
-        })
-    return rows
+    return [{"run": ctx.run_name, "iteration": iteration, "task_type": task_type,
+             **summarize(group, ctx.config.rollout)} for task_type, group in sorted(by_type.items())]
 
 
 def evaluate(ctx: RunContext, iteration: int, force: bool = False) -> StageOutcome:
