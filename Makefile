@@ -9,7 +9,7 @@ export DS_ACCELERATOR := cpu
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean images
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,20 @@ lint: $(STAMP)
 
 clean:
 	rm -rf runs .dypo .cache
+
+# Container images (images/*/Dockerfile), tagged $(IMAGE_PREFIX)dypo-<family>:<version>. Needs a Docker daemon, or
+# CONTAINER_ENGINE=podman. Extra flags for every build (e.g. --build-arg BASE_IMAGE=…) go in IMAGE_BUILD_ARGS.
+CONTAINER_ENGINE ?= docker
+IMAGE_PREFIX ?=
+IMAGES ?= cpu rollout-gpu train-gpu
+IMAGE_BUILD_ARGS ?=
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+REVISION := $(shell git rev-parse --short=12 HEAD 2>/dev/null)$(shell git diff --quiet HEAD 2>/dev/null || echo .dirty)
+
+images:
+	@$(CONTAINER_ENGINE) info >/dev/null 2>&1 || { echo "make images: '$(CONTAINER_ENGINE) info' failed; start a Docker daemon or use CONTAINER_ENGINE=podman"; exit 1; }
+	@for family in $(IMAGES); do \
+	  echo "building $(IMAGE_PREFIX)dypo-$$family:$(VERSION) ($(REVISION))"; \
+	  $(CONTAINER_ENGINE) build -f images/$$family/Dockerfile -t $(IMAGE_PREFIX)dypo-$$family:$(VERSION) \
+	    --build-arg DYPO_VERSION=$(VERSION) --build-arg DYPO_REVISION=$(REVISION) $(IMAGE_BUILD_ARGS) . || exit 1; \
+	done

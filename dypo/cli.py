@@ -1,4 +1,4 @@
-"""`dypo`: train, rerun one stage, run one stage (the container entrypoint), show configs."""
+"""`dypo`: train, rerun one stage, run one stage (the container entrypoint), show configs and environments."""
 
 from __future__ import annotations
 
@@ -14,11 +14,17 @@ from rich.table import Table
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configs.")
 app.add_typer(config_app, name="config")
+envs_app = typer.Typer(no_args_is_help=True, help="Inspect environment families.")
+app.add_typer(envs_app, name="envs")
 console = Console()
 
 RunOption = Annotated[str, typer.Option("--run", help="run URI: a local path, file://… or s3://bucket/prefix")]
 IterOption = Annotated[int, typer.Option("--iter", min=0, help="iteration (0 = warmstart)")]
 DrawOption = Annotated[int, typer.Option("--draw", min=0, help="rollout draw (0 = main, ≥1 = auxiliary)")]
+PresetOption = Annotated[list[str] | None, typer.Option(
+    "--preset", help="algorithm preset applied on top of --config: dypo, grpo, dapo-style (or a YAML path)")]
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", help="override one value, e.g. --set optimize.kl_coef=0.04 (repeatable, applied last)")]
 
 
 def _use_local_prefect(run_uri: str, home: str | None) -> None:
@@ -48,13 +54,15 @@ def _fail(error: Exception) -> typer.Exit:
 def train(
     config: Annotated[Path, typer.Option("--config", help="YAML config, e.g. configs/tiny-cpu.yaml")],
     run: Annotated[str | None, typer.Option("--run", help="run URI (default runs/<run.name>)")] = None,
+    preset: PresetOption = None,
+    override: SetOption = None,
 ) -> None:
     """Warmstart, then on-policy DyPO iterations; rerun on the same --run to resume."""
     from dypo.stages.config import ConfigError, load_config
     from dypo.stages.context import create_run
 
     try:
-        cfg = load_config(config)
+        cfg = load_config(config, preset or [], override or [])
         run_uri = run or f"runs/{cfg.run.name}"
         ctx = create_run(run_uri, cfg)
     except ConfigError as error:
@@ -112,13 +120,17 @@ def stage_command(
     iteration: IterOption,
     draw: DrawOption = 0,
     force: Annotated[bool, typer.Option("--force", help="rewrite even when committed with the same inputs")] = False,
+    shard: Annotated[str | None, typer.Option(
+        "--shard", help="i/N: play shard i (from 0) of N of rollout or evaluate; the stage commits when all N have")
+    ] = None,
 ) -> None:
     """Run one stage in this process, without Prefect (what each container runs)."""
     from dypo.stages.commit import StageNotComplete
     from dypo.stages.registry import run_stage
+    from dypo.stages.shards import Shard
 
     try:
-        run_stage(run, name, iteration, draw=draw, force=force)
+        run_stage(run, name, iteration, draw=draw, force=force, shard=Shard.parse(shard) if shard else None)
     except (StageNotComplete, ValueError) as error:
         raise _fail(error) from None
 
@@ -127,6 +139,8 @@ def stage_command(
 def config_show(
     config: Annotated[Path | None, typer.Option("--config", help="a YAML config file")] = None,
     run: Annotated[str | None, typer.Option("--run", help="show the config frozen into this run")] = None,
+    preset: PresetOption = None,
+    override: SetOption = None,
 ) -> None:
     """Print the resolved config (all defaults filled in) as YAML."""
     from dypo.stages.config import ConfigError, load_config
@@ -136,12 +150,40 @@ def config_show(
         if run:
             resolved = open_run(run).config
         elif config:
-            resolved = resolve_config(load_config(config))
+            resolved = resolve_config(load_config(config, preset or [], override or []))
         else:
             raise ConfigError("pass --config FILE or --run URI")
     except ConfigError as error:
         raise _fail(error) from None
     typer.echo(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False), nl=False)
+
+
+
+@envs_app.command("list")
+def envs_list(
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="judge availability with this config's env section (data paths, servers)")] = None,
+) -> None:
+    """Every registered environment family: whether it can run here, and how to enable it if not."""
+    from dypo.stages.config import ConfigError, EnvConfig, load_config
+    from dypo.stages.environments import Status
+    from dypo.stages.environments.families import FAMILIES, family_availability, family_class
+
+    try:
+        env = load_config(config).env if config else EnvConfig()
+    except ConfigError as error:
+        raise _fail(error) from None
+    table = Table(title="environment families (select one with env.family)")
+    table.add_column("family", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    for column in ("game", "detail", "to enable"):
+        table.add_column(column, overflow="fold")
+    for name in FAMILIES:
+        found = family_availability(name, env)
+        description = family_class(name).description if found.status != Status.NOT_INSTALLED else ""
+        colour = "green" if found.status == Status.AVAILABLE else "yellow"
+        table.add_row(name, f"[{colour}]{found.status}[/{colour}]", description, found.detail, found.enable)
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ _EPISODE_KEYS = [
     pa.field("episode_id", pa.string(), nullable=False),
 ]
 
-TURNS = TableSpec("turns", "1.0", pa.schema([
+TURNS = TableSpec("turns", "1.1", pa.schema([
     *_EPISODE_KEYS,
     pa.field("turn_index", pa.int32(), nullable=False),
     pa.field("observation", pa.string()),
@@ -54,6 +54,11 @@ TURNS = TableSpec("turns", "1.0", pa.schema([
     pa.field("latency_s", pa.float64()),
     pa.field("context_token_ids", pa.list_(pa.int32()), nullable=False),
     pa.field("generated_token_ids", pa.list_(pa.int32()), nullable=False),
+    # 1.1: context bounds. observation_truncated: the observation was cut to env.max_observation_chars;
+    # context_reset: context_token_ids is the whole (windowed) context of the turn, not a piece appended to the
+    # episode's running context. Null in 1.0 files, meaning false.
+    pa.field("observation_truncated", pa.bool_()),
+    pa.field("context_reset", pa.bool_()),
 ]))
 
 EPISODES = TableSpec("episodes", "1.0", pa.schema([
@@ -93,7 +98,8 @@ EVAL_METRICS = TableSpec("eval_metrics", "1.0", pa.schema([
     pa.field("malformed_turn_rate", pa.float64(), nullable=False),
 ]))
 
-TRAIN_METRICS = TableSpec("train_metrics", "1.0", pa.schema([
+# 2.0: `episodes` became `samples` (episodes, or turns with optimize.sample_form per_turn); kl_ref added.
+TRAIN_METRICS = TableSpec("train_metrics", "2.0", pa.schema([
     pa.field("run", pa.string(), nullable=False),
     pa.field("iteration", pa.int32(), nullable=False),
     pa.field("update", pa.int32(), nullable=False),
@@ -102,7 +108,8 @@ TRAIN_METRICS = TableSpec("train_metrics", "1.0", pa.schema([
     pa.field("approx_kl", pa.float64()),
     pa.field("entropy", pa.float64()),
     pa.field("grad_norm", pa.float64()),
-    pa.field("episodes", pa.int32(), nullable=False),
+    pa.field("kl_ref", pa.float64()),  # KL to the frozen reference; null without a KL term
+    pa.field("samples", pa.int32(), nullable=False),
     pa.field("tokens", pa.int64(), nullable=False),
 ]))
 

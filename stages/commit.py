@@ -59,7 +59,11 @@ class CommittedStage:
 
 
 def read_committed(store: RunStore, stage: str, iteration: int) -> CommittedStage | None:
-    key = manifest_key(stage, iteration)
+    return read_manifest(store, manifest_key(stage, iteration))
+
+
+def read_manifest(store: RunStore, key: str) -> CommittedStage | None:
+    """The manifest stored at `key` (a stage's, or a shard's), or None when there is none."""
     if not store.exists(key):
         return None
     data = store.read_bytes(key)
@@ -81,6 +85,35 @@ def require_committed(store: RunStore, stage: str, iteration: int) -> CommittedS
             f"{manifest_key(stage, iteration)}); run it first: dypo stage {stage.split('-')[0]} --run {store.uri} "
             f"--iter {iteration}")
     return committed
+
+
+def table_parts(outputs: list[OutputFile], name: str) -> list[str]:
+    """The files holding table `name` (`turns.parquet`): the file itself, or a sharded stage's part files
+    (`turns/part-00000.parquet`, …) in shard order."""
+    stem = name.removesuffix(".parquet")
+    return sorted(o.path for o in outputs
+                  if o.path == name or (o.path.startswith(f"{stem}/part-") and o.path.endswith(".parquet")))
+
+
+def read_table_parts(store: RunStore, directory: str, outputs: list[OutputFile], name: str,
+                     spec: TableSpec) -> pa.Table:
+    paths = table_parts(outputs, name)
+    if not paths:
+        raise SchemaError(f"{store.uri_of(directory)} records no {name} (neither the file nor its part files)")
+    tables = [store.read_table(f"{directory}/{path}", spec) for path in paths]
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def read_stage_table(store: RunStore, directory: str, name: str, spec: TableSpec) -> pa.Table:
+    """Table `name` of the stage committed in `directory`, whole or from its shards' parts, as its manifest lists.
+
+    The manifest, not a directory listing, says which files count: leftovers of a crashed or superseded attempt
+    are never read.
+    """
+    committed = read_manifest(store, f"{directory}/manifest.json")
+    if committed is None:
+        raise StageNotComplete(f"{store.uri_of(directory)} has not committed (no manifest.json)")
+    return read_table_parts(store, directory, committed.manifest.outputs, name, spec)
 
 
 def input_digest(stage: str, config: dict[str, Any], inputs: list[CommittedStage], extra: dict[str, Any]) -> str:
@@ -108,21 +141,34 @@ class StageWriter:
     def _record(self, name: str, stored: StoredObject) -> None:
         self.outputs.append(OutputFile(path=name, bytes=stored.size, sha256=stored.sha256))
 
+    def place(self, name: str) -> str:
+        """Where output `name` goes inside the stage directory (a shard's writer puts tables into part files)."""
+        return name
+
     def write_rows(self, name: str, rows: list[dict], spec: TableSpec) -> pa.Table:
         table = build_table(rows, spec)
-        self._record(name, self.store.write_table(f"{self.directory}/{name}", table))
+        path = self.place(name)
+        self._record(path, self.store.write_table(f"{self.directory}/{path}", table))
         self.schema_versions[spec.name] = spec.version
         return table
 
     def write_dir(self, name: str, local_dir: Path) -> None:
-        for relative, stored in self.store.upload_dir(local_dir, f"{self.directory}/{name}").items():
-            self._record(f"{name}/{relative}", stored)
+        path = self.place(name)
+        for relative, stored in self.store.upload_dir(local_dir, f"{self.directory}/{path}").items():
+            self._record(f"{path}/{relative}", stored)
 
 
 @dataclass(frozen=True)
 class StageOutcome:
-    committed: CommittedStage
+    """What running a stage (or one shard of it) left behind.
+
+    `committed` is None only after a shard whose siblings have not all committed yet; `shard` is that shard's own
+    manifest.
+    """
+
+    committed: CommittedStage | None
     skipped: bool
+    shard: CommittedStage | None = None
 
 
 def commit_stage(
@@ -143,21 +189,30 @@ def commit_stage(
     writer = StageWriter(store, directory)
     started = time.perf_counter()
     body(writer)
-    manifest = Manifest(
+    manifest = writer_manifest(writer, stage, iteration, digest, inputs, time.perf_counter() - started)
+    return StageOutcome(write_manifest(store, manifest_key(stage, iteration), manifest), skipped=False)
+
+
+def writer_manifest(writer: StageWriter, stage: str, iteration: int, digest: str, inputs: list[CommittedStage],
+                    seconds: float) -> Manifest:
+    """The manifest of what `writer` wrote, made here and now."""
+    return Manifest(
         stage=stage,
         iteration=iteration,
-        run=store.uri,
+        run=writer.store.uri,
         input_digest=digest,
         inputs={c.key: c.sha256 for c in inputs},
         schema_versions=writer.schema_versions,
         outputs=writer.outputs,
         metrics=writer.metrics,
         details=writer.details,
-        timings={"seconds": time.perf_counter() - started},
+        timings={"seconds": seconds},
         code_version=code_version(),
         host=socket.gethostname(),
         created_at=datetime.now(UTC),
     )
-    key = manifest_key(stage, iteration)
+
+
+def write_manifest(store: RunStore, key: str, manifest: Manifest) -> CommittedStage:
     stored = store.write_bytes(key, manifest.model_dump_json(indent=2).encode())
-    return StageOutcome(CommittedStage(manifest, stored.sha256, key), skipped=False)
+    return CommittedStage(manifest, stored.sha256, key)

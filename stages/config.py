@@ -9,6 +9,7 @@ typo in an RL config costs a GPU-day.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,17 +25,71 @@ class RunConfig(Section):
     name: str = "tiny-cpu"
     seed: int = 0
     iterations: int = Field(3, ge=0, description="DyPO iterations after warmstart")
+    presets: list[str] = Field(default_factory=list, description="presets applied on top of the config file")
+    overrides: list[str] = Field(default_factory=list, description="KEY=VALUE overrides applied last")
+
+
+class TwxOptions(Section):
+    """TextWorldExpress game generation parameters (the `twx-*` families).
+
+    None leaves a parameter to the family: twx-coin plays 4 rooms with doors and no distractors (small enough for
+    the tiny default policy), the other games TextWorldExpress's own defaults. Setting a parameter the chosen game
+    does not have (rooms in twx-sorting, say) is an error, not silently ignored.
+    """
+
+    num_locations: int | None = Field(None, ge=1, description="rooms (coin, cookingworld, twc, mapreader)")
+    include_doors: bool | None = Field(None, description="doors between rooms (coin, cookingworld, twc, mapreader)")
+    num_distractor_items: int | None = Field(None, ge=0, description="items no task needs (coin, cookingworld)")
+
+
+AlfworldTaskType = Literal[
+    "pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep",
+    "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place",
+]
+
+
+class AlfworldOptions(Section):
+    """ALFWorld (the `alfworld` and `alfworld-generated` families); splits train, heldout, unseen.
+
+    Generated games depend only on `generation_seed` (and the pinned alfworld version), not on the counts: raising a
+    count adds games, it never changes those already made.
+    """
+
+    data_dir: str | None = Field(None, description="the official games (the directory alfworld-download fills); "
+                                 "None = $ALFWORLD_DATA")
+    task_types: list[AlfworldTaskType] = Field(
+        default_factory=lambda: list(AlfworldTaskType.__args__), min_length=1, description="ALFWorld task types played")
+    generation_seed: int = Field(0, ge=0, description="which set of generated games (alfworld-generated)")
+    train_games_per_type: int = Field(500, ge=1, description="generated train games per task type")
+    heldout_games_per_type: int = Field(24, ge=1, description="generated games per task type in the training rooms")
+    unseen_games_per_type: int = Field(24, ge=1, description="generated games per task type in unseen rooms")
+    games_dir: str | None = Field(None, description="cache of generated games; None = under DYPO_CACHE_DIR")
+    show_admissible_commands: bool = Field(False, description="append the admissible commands to every observation")
+
+    @model_validator(mode="after")
+    def _distinct_task_types(self) -> AlfworldOptions:
+        if len(set(self.task_types)) != len(self.task_types):
+            raise ValueError(f"task_types lists a type twice: {self.task_types}")
+        return self
 
 
 class EnvConfig(Section):
-    """Which game family to play and how hard; train and held-out tasks come from disjoint game folds."""
+    """Which game family to play and how; train and held-out tasks come from disjoint game folds.
 
-    family: Literal["twx-coin"] = "twx-coin"
-    num_locations: int = Field(4, ge=1)
-    include_doors: bool = True
-    num_distractor_items: int = Field(0, ge=0)
+    Options shared by every family sit here; each family's own options sit in its sub-section (`twx`, …).
+    """
+
+    family: Literal[
+        "twx-coin", "twx-cookingworld", "twx-twc", "twx-mapreader", "twx-sorting", "twx-arithmetic",
+        "alfworld", "alfworld-generated",
+    ] = "twx-coin"
     max_turns: int = Field(10, ge=1)
     max_observation_chars: int = Field(400, ge=16, description="observations are truncated to this length")
+    system_prompt: str | None = Field(None, description="None = the family's default prompt (recorded in run.json)")
+    reset_timeout_s: float = Field(120.0, gt=0, description="a reset slower than this loses its episode")
+    step_timeout_s: float = Field(30.0, gt=0, description="a step slower than this loses its episode")
+    twx: TwxOptions = TwxOptions()
+    alfworld: AlfworldOptions = AlfworldOptions()
 
 
 class ModelConfig(Section):
@@ -70,8 +125,19 @@ class RolloutConfig(Section):
     group_size: int = Field(8, ge=2)
     batch_episodes: int = Field(32, ge=1, description="episodes generated together in one batch")
     sampling: SamplingConfig = SamplingConfig()
-    reward: Literal["success", "score"] = Field("success", description="episode return: task success 0/1 or env score")
+    reward: Literal["success", "score", "shaped"] = Field(
+        "success", description="episode return: task success 0/1, the env's score, or success + shaping_weight*score")
+    shaping_weight: float = Field(0.5, ge=0, description="weight of the env's score in the `shaped` return")
     malformed_penalty: float = Field(0.1, ge=0, description="subtracted from the return per malformed turn")
+    check_admissible: bool = Field(
+        True, description="an action outside the env's admissible commands (when it lists them) is malformed")
+    on_malformed: Literal["skip", "noop"] = Field(
+        "skip", description="after a malformed turn the env receives nothing, or its no-op command (e.g. look)")
+    history_window: int | None = Field(
+        None, ge=1, description="None = the whole episode in context (one KV cache across turns); K = the prompt "
+        "and the last K turns, re-encoded each turn (needs optimize.sample_form: per_turn)")
+    max_context_tokens: int = Field(
+        2048, ge=64, description="an episode whose context would exceed this ends with termination context_full")
 
 
 class FilterConfig(Section):
@@ -79,6 +145,7 @@ class FilterConfig(Section):
 
     target_groups: int = Field(4, ge=1, description="accepted groups wanted per iteration")
     max_extra_draws: int = Field(2, ge=0, description="auxiliary rollouts allowed when the batch is short")
+    reject_zero_variance: bool = Field(True, description="drop groups whose returns are all equal (no signal)")
     max_malformed_fraction: float = Field(0.5, ge=0, le=1)
     max_episode_tokens: int = Field(4096, ge=1)
     keep_partial_last_draw: bool = True
@@ -89,12 +156,18 @@ class FilterConfig(Section):
 class OptimizeConfig(Section):
     learning_rate: float = Field(2e-4, gt=0)
     eps_low: float = Field(0.2, ge=0)
-    eps_high: float = Field(0.28, ge=0)
+    eps_high: float = Field(0.2, ge=0, description="> eps_low is DAPO's clip-higher")
     ppo_epochs: int = Field(1, ge=1)
-    mini_batch_episodes: int | None = Field(None, ge=1, description="None = the whole batch in one update")
+    mini_batch_size: int | None = Field(
+        None, ge=1, description="samples (episodes, or turns with sample_form per_turn) per update; None = all")
     micro_batch_episodes: int = Field(8, ge=1, description="episodes per forward pass (gradient accumulation)")
     max_grad_norm: float = Field(1.0, gt=0)
     zero_stage: Literal[0, 1, 2] = 2
+    sample_form: Literal["trajectory", "per_turn"] = Field(
+        "trajectory", description="one sequence per episode, or one sample per turn with its context as prompt")
+    mask_observations: bool = Field(True, description="observation tokens carry no loss (off only as an ablation)")
+    kl_coef: float = Field(
+        0.0, ge=0, description="KL penalty to the frozen warmstart policy; 0 = none and no reference in memory")
 
 
 class PublishConfig(Section):
@@ -119,6 +192,58 @@ class PrefectConfig(Section):
     home: str | None = Field(None, description="PREFECT_HOME; None = .prefect inside a local run directory")
 
 
+class ShardsConfig(Section):
+    """Jobs per fan-out stage (DESIGN.md §3 "Shards"); each plays a contiguous run of whole generation batches."""
+
+    rollout: int = Field(1, ge=1)
+    evaluate: int = Field(1, ge=1)
+
+
+class ContainerImages(Section):
+    """The image of each stage family (see images/README.md); on a CPU-only machine point all three at dypo-cpu."""
+
+    cpu: str = "localhost/dypo-cpu:latest"
+    rollout_gpu: str = "localhost/dypo-rollout-gpu:latest"
+    train_gpu: str = "localhost/dypo-train-gpu:latest"
+
+
+class ContainerLaunchConfig(Section):
+    engine: Literal["podman", "docker"] = "podman"
+    images: ContainerImages = ContainerImages()
+    extra_args: list[str] = Field(
+        default_factory=list, description="added to every `run`, e.g. ['--device', 'nvidia.com/gpu=all']")
+    pass_env: list[str] = Field(
+        default_factory=list, description="host variables passed into every container (AWS_* and MLFLOW_* always are)")
+
+
+class DeploymentLaunchConfig(Section):
+    name: str = Field("dypo-stage/{stage}", description="FLOW/DEPLOYMENT of each stage; {stage} and {family} fill in")
+    timeout_s: float | None = Field(None, gt=0, description="give up waiting for a stage's flow run; None = wait")
+
+    @model_validator(mode="after")
+    def _pattern_fills_in(self) -> DeploymentLaunchConfig:
+        try:
+            filled = self.name.format(stage="rollout", family="rollout_gpu")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"launch.deployment.name {self.name!r} may only use {{stage}} and {{family}} "
+                             f"({error!r})") from None
+        if filled.count("/") != 1:
+            raise ValueError(f"launch.deployment.name {self.name!r} must read FLOW/DEPLOYMENT, "
+                             "e.g. dypo-stage/{stage}")
+        return self
+
+
+class LaunchConfig(Section):
+    """How the training flow runs each stage: in this process, one container each, or one Prefect deployment each
+    (a Kubernetes job with its own image). No stage reads this section, so no digest covers it: the same stages
+    commit the same outputs whichever launcher ran them."""
+
+    launcher: Literal["local", "container", "deployment"] = "local"
+    shards: ShardsConfig = ShardsConfig()
+    container: ContainerLaunchConfig = ContainerLaunchConfig()
+    deployment: DeploymentLaunchConfig = DeploymentLaunchConfig()
+
+
 class Config(Section):
     run: RunConfig = RunConfig()
     env: EnvConfig = EnvConfig()
@@ -131,9 +256,24 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     prefect: PrefectConfig = PrefectConfig()
+    launch: LaunchConfig = LaunchConfig()
+
+    @model_validator(mode="after")
+    def _shards_fit_batches(self) -> Config:
+        check_sharding(self, "rollout", self.launch.shards.rollout)
+        check_sharding(self, "evaluate", self.launch.shards.evaluate)
+        return self
 
     @model_validator(mode="after")
     def _batch_fits_groups(self) -> Config:
+        if self.rollout.history_window is not None and self.optimize.sample_form != "per_turn":
+            raise ValueError("rollout.history_window re-encodes a window each turn, so an episode is no longer one "
+                             "token sequence; set optimize.sample_form: per_turn, or drop the history window")
+        if not self.optimize.mask_observations and self.optimize.sample_form != "trajectory":
+            raise ValueError("optimize.mask_observations: false (the ablation) needs optimize.sample_form: trajectory")
+        if self.rollout.max_context_tokens > self.model.max_position_embeddings:
+            raise ValueError(f"rollout.max_context_tokens={self.rollout.max_context_tokens} exceeds "
+                             f"model.max_position_embeddings={self.model.max_position_embeddings}")
         if self.filter.target_groups > self.rollout.groups * (1 + self.filter.max_extra_draws):
             raise ValueError(
                 f"filter.target_groups={self.filter.target_groups} can never be reached with rollout.groups="
@@ -145,6 +285,32 @@ class Config(Section):
     def section(self, *names: str) -> dict[str, Any]:
         """The named sections as plain data, for digests and logging."""
         return {name: getattr(self, name).model_dump(mode="json") for name in names}
+
+
+def check_sharding(config: Config, stage: str, shards: int) -> None:
+    """Refuse a split of a fan-out stage that would not play exactly what one job plays.
+
+    Shards split a stage at generation-batch boundaries, and every batch samples from its own seeded generator, so
+    N shards together write the very episodes of the unsharded stage. Hence at most one shard per batch, and for a
+    rollout, batches of whole groups (a group's episodes stay in one shard).
+    """
+    if stage == "rollout":
+        episodes, batch = config.rollout.groups * config.rollout.group_size, config.rollout.batch_episodes
+        counted = "rollout.groups x rollout.group_size"
+    elif stage == "evaluate":
+        episodes, batch, counted = config.evaluate.tasks, config.evaluate.batch_episodes, "evaluate.tasks"
+    else:
+        raise ValueError(f"stage {stage!r} runs as one job; only rollout and evaluate run in shards")
+    batches = -(-episodes // batch)
+    if shards > batches:
+        raise ValueError(
+            f"{shards} {stage} shards, but {stage} plays {episodes} episodes ({counted}) in batches of "
+            f"{stage}.batch_episodes={batch}, i.e. {batches} batch(es), and each shard needs one: use at most "
+            f"{batches} shards or lower {stage}.batch_episodes")
+    if stage == "rollout" and shards > 1 and batch % config.rollout.group_size:
+        raise ValueError(
+            f"a sharded rollout keeps every group in one shard, so rollout.batch_episodes={batch} must be a multiple "
+            f"of rollout.group_size={config.rollout.group_size}")
 
 
 class ConfigError(ValueError):
@@ -185,16 +351,68 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> Config:
         raise _explain(error, source) from None
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a YAML config file."""
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{what} {path} is not valid YAML: {error}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data or {}
+
+
+def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """`overlay` on top of `base`, section by section (mappings merge, anything else replaces)."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def preset_path(config_path: Path, preset: str) -> Path:
+    """A preset by name (`grpo` -> presets/grpo.yaml beside the config file, then configs/presets/), or a path."""
+    if preset.endswith((".yaml", ".yml")):
+        return Path(preset)
+    for directory in (config_path.parent / "presets", Path("configs") / "presets"):
+        if (directory / f"{preset}.yaml").is_file():
+            return directory / f"{preset}.yaml"
+    raise ConfigError(f"no preset {preset!r}: looked for {preset}.yaml in {config_path.parent / 'presets'} and "
+                      "configs/presets (the shipped presets are dypo, grpo, dapo-style)")
+
+
+def parse_override(override: str) -> dict[str, Any]:
+    """`optimize.kl_coef=0.04` as the nested mapping it sets; the value is read as YAML (numbers, booleans, null)."""
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r} is not KEY=VALUE, e.g. optimize.kl_coef=0.04")
+    data: Any = yaml.safe_load(value) if value.strip() else None
+    for part in reversed(key.strip().split(".")):
+        data = {part: data}
+    return data
+
+
+def load_config(path: str | Path, presets: Sequence[str] = (), overrides: Sequence[str] = ()) -> Config:
+    """Read and validate a YAML config file, then apply presets (in order) and KEY=VALUE overrides on top.
+
+    A preset is a partial config naming one algorithm variant (configs/presets/grpo.yaml …), so an ablation is
+    one flag away from any base config; what was applied is recorded in `run.presets` and `run.overrides`.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file such as "
                           "configs/tiny-cpu.yaml")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-    return parse_config(data or {}, str(path))
+    data = _read_yaml(path, "config file")
+    sources = [str(path)]
+    for preset in presets:
+        found = preset_path(path, preset)
+        data = _merge(data, _read_yaml(found, "preset"))
+        sources.append(str(found))
+    for override in overrides:
+        data = _merge(data, parse_override(override))
+        sources.append(override)
+    run = dict(data.get("run") or {})
+    run.update({"presets": list(presets), "overrides": list(overrides)})
+    return parse_config({**data, "run": run}, " + ".join(sources))

@@ -15,7 +15,8 @@ from pathlib import Path
 from dypo import code_version
 from dypo.stages.commit import CommittedStage, require_committed
 from dypo.stages.config import Config, ConfigError, parse_config
-from dypo.stages.environments import task_count
+from dypo.stages.environments import Status
+from dypo.stages.environments.families import family_availability, get_family
 from dypo.stages.storage import RunStore
 
 RUN_FILE = "run.json"
@@ -74,16 +75,25 @@ def resolve_config(config: Config) -> Config:
 
 
 def check_task_budget(config: Config) -> None:
-    """Refuse a config whose run would run out of fresh games part-way, before anything is trained."""
+    """Refuse a config whose env family cannot run here, or whose run would run out of fresh games part-way,
+    before anything is trained."""
+    found = family_availability(config.env.family, config.env)
+    if found.status != Status.AVAILABLE:
+        fix = f"; to enable it: {found.enable}" if found.enable else ""
+        raise ConfigError(f"env.family {config.env.family} is not usable here ({found.status}): {found.detail}{fix}")
+    try:
+        family = get_family(config.env)
+    except ValueError as error:
+        raise ConfigError(f"invalid env section: {error}") from None
     draws = config.run.iterations * (1 + config.filter.max_extra_draws) * config.rollout.groups
-    needed, available = config.warmstart.expert_tasks + draws, task_count(config.env, "train")
+    needed, available = config.warmstart.expert_tasks + draws, family.task_count("train")
     if needed > available:
         raise ConfigError(
             f"the run may need {needed} training games (warmstart.expert_tasks={config.warmstart.expert_tasks} + "
             f"run.iterations x (1 + filter.max_extra_draws) x rollout.groups = {draws}) but {config.env.family} "
             f"has {available}; lower one of these")
-    if config.evaluate.tasks > task_count(config.env, "heldout"):
-        raise ConfigError(f"evaluate.tasks={config.evaluate.tasks} exceeds the {task_count(config.env, 'heldout')} "
+    if config.evaluate.tasks > family.task_count("heldout"):
+        raise ConfigError(f"evaluate.tasks={config.evaluate.tasks} exceeds the {family.task_count('heldout')} "
                           f"held-out games of {config.env.family}")
 
 

@@ -12,20 +12,21 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from dypo.stages.environments import ExpertTurn
+from dypo.stages.environments.protocol import ExpertTurn
 from dypo.stages.policy import IM_END, IM_START
-from dypo.stages.turn_format import SYSTEM_PROMPT, render_turn
+from dypo.stages.turn_format import render_turn
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, first_observation: str) -> list[int]:
-    """The system message, the first observation as the user message, and the opened assistant message."""
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, system_prompt: str, first_observation: str) -> list[int]:
+    """The system message (the env family's prompt: task and turn format), the first observation as the user
+    message, and the opened assistant message."""
     return (
         _encode(tokenizer, f"{IM_START}system\n")
-        + _encode(tokenizer, SYSTEM_PROMPT)
+        + _encode(tokenizer, system_prompt)
         + _encode(tokenizer, f"{IM_END}\n{IM_START}user\n")
         + _encode(tokenizer, first_observation)
         + _encode(tokenizer, f"{IM_END}\n{IM_START}assistant\n")
@@ -50,7 +51,8 @@ def turn_ids(tokenizer: PreTrainedTokenizerBase, think: str, action: str) -> lis
     return _encode(tokenizer, render_turn(think, action))
 
 
-def expert_sequence(tokenizer: PreTrainedTokenizerBase, turns: list[ExpertTurn]) -> tuple[list[int], list[int]]:
+def expert_sequence(tokenizer: PreTrainedTokenizerBase, system_prompt: str,
+                    turns: list[ExpertTurn]) -> tuple[list[int], list[int]]:
     """An expert episode as (input_ids, loss_mask), laid out exactly as a rollout of the same turns would be.
 
     The mask is 1 on the turn tokens (through the closing `</action>`) and 0 on prompt and observations, the
@@ -59,7 +61,8 @@ def expert_sequence(tokenizer: PreTrainedTokenizerBase, turns: list[ExpertTurn])
     input_ids: list[int] = []
     loss_mask: list[int] = []
     for index, turn in enumerate(turns):
-        context = (prompt_ids if index == 0 else observation_ids)(tokenizer, turn.observation)
+        context = (prompt_ids(tokenizer, system_prompt, turn.observation) if index == 0
+                   else observation_ids(tokenizer, turn.observation))
         generated = turn_ids(tokenizer, turn.think, turn.action)
         input_ids += context + generated
         loss_mask += [0] * len(context) + [1] * len(generated)

@@ -62,16 +62,21 @@ def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
 
 
 def dypo_loss(logp: Tensor, logp_old: Tensor, advantages_per_token: Tensor, loss_mask: Tensor, eps_low: float,
-              eps_high: float, num_tokens_total: int) -> tuple[Tensor, dict[str, float]]:
+              eps_high: float, num_tokens_total: int, logp_ref: Tensor | None = None,
+              kl_coef: float = 0.0) -> tuple[Tensor, dict[str, float]]:
     """L = -sum_{gen tokens} min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) / |gen tokens of the batch|.
 
-    All inputs are [batch, seq]; `loss_mask` is 1 on generated tokens. The statistics are this micro-batch's
-    share of batch means (summed over micro-batches they give the batch value):
+    All inputs are [batch, seq]; `loss_mask` is 1 on generated tokens. DyPO has no KL term; the GRPO ablation
+    adds `kl_coef * KL(pi_theta || pi_ref)` per token, estimated as in DeepSeekMath by
+    exp(log pi_ref - log pi_theta) - (log pi_ref - log pi_theta) - 1 (`logp_ref` from the frozen reference).
+    The statistics are this micro-batch's share of batch means (summed over micro-batches they give the batch
+    value):
       clip_fraction: tokens where the clipped term is strictly smaller, i.e. the clip binds and the token's
         gradient is zero;
       approx_kl: KL(pi_old || pi_theta) by the k3 estimator (r - 1) - log r, which is unbiased for samples
         drawn from pi_old and never negative (Schulman, "Approximating KL Divergence", 2020);
-      ratio_mean: the mean of r = pi_theta / pi_old (1 on the first update after a rollout).
+      ratio_mean: the mean of r = pi_theta / pi_old (1 on the first update after a rollout);
+      kl_ref: the reference KL estimate (only with a reference).
     """
     mask = loss_mask.bool()
     # log r_t, set to 0 off the loss tokens so padding can never overflow exp() or leak NaN gradients
@@ -89,6 +94,11 @@ def dypo_loss(logp: Tensor, logp_old: Tensor, advantages_per_token: Tensor, loss
             "approx_kl": torch.where(mask, ratio - 1.0 - log_ratio, 0.0).sum().item() / num_tokens_total,
             "ratio_mean": torch.where(mask, ratio, 0.0).sum().item() / num_tokens_total,
         }
+    if logp_ref is not None:
+        log_ref_ratio = torch.where(mask, logp_ref - logp, 0.0)
+        kl_ref = torch.where(mask, log_ref_ratio.exp() - log_ref_ratio - 1.0, 0.0).sum() / num_tokens_total
+        loss = loss + kl_coef * kl_ref
+        stats["kl_ref"] = kl_ref.item()
     return loss, stats
 
 

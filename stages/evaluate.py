@@ -8,44 +8,60 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from dypo.schemas.tables import EVAL_METRICS
+from dypo.schemas.tables import EPISODES, EVAL_METRICS
 from dypo.stages import tracking
-from dypo.stages.commit import StageOutcome, commit_stage, input_digest, require_committed
-from dypo.stages.config import SamplingConfig
+from dypo.stages.commit import StageOutcome, StageWriter, commit_stage, input_digest, require_committed
+from dypo.stages.config import SamplingConfig, check_sharding
 from dypo.stages.context import RunContext
-from dypo.stages.environments import make_tasks
-from dypo.stages.episodes import play, summarize, write_episodes
-from dypo.stages.trajectory import EpisodeRecord, EpisodeSpec
+from dypo.stages.environments import get_family
+from dypo.stages.episodes import episode_metrics, play, summarize, write_episodes
+from dypo.stages.shards import Shard, ShardParts, commit_shard
+from dypo.stages.trajectory import EpisodeSpec
 
 
-def metric_rows(ctx: RunContext, iteration: int, records: list[EpisodeRecord]) -> list[dict]:
-    """One row per task type plus an `all` row."""
-    by_type: dict[str, list[EpisodeRecord]] = defaultdict(list)
-    for record in records:
-        by_type[record.spec.task.task_type].append(record)
-        by_type["all"].append(record)
-    return [{"run": ctx.run_name, "iteration": iteration, "task_type": task_type,
-             **summarize(group, ctx.config.rollout)} for task_type, group in sorted(by_type.items())]
+def metric_rows(ctx: RunContext, iteration: int, episodes: list[dict]) -> list[dict]:
+    """One row per task type plus an `all` row, from `episodes.parquet` rows."""
+    by_type: dict[str, list[dict]] = defaultdict(list)
+    for episode in episodes:
+        by_type[episode["task_type"]].append(episode)
+        by_type["all"].append(episode)
+    return [{"run": ctx.run_name, "iteration": iteration, "task_type": task_type, **summarize(group)}
+            for task_type, group in sorted(by_type.items())]
 
 
-def evaluate(ctx: RunContext, iteration: int, force: bool = False) -> StageOutcome:
+def evaluate(ctx: RunContext, iteration: int, force: bool = False, shard: Shard | None = None) -> StageOutcome:
+    """Held-out play as one job, or as shard i/N of it; the metrics and the champion gate run once all have played."""
+    if shard is not None:
+        check_sharding(ctx.config, "evaluate", shard.count)
     policy, _ = ctx.checkpoint(iteration)
     published = require_committed(ctx.store, "publish", iteration)
     cfg = ctx.config.evaluate
     digest = input_digest("evaluate", ctx.config.section("env", "evaluate", "rollout"), [policy, published],
                           {"iteration": iteration})
 
-    def body(writer):
-        tasks = make_tasks(ctx.config.env, "heldout", cfg.tasks)
+    def play_tasks(writer: StageWriter) -> list[dict]:
+        tasks = get_family(ctx.config.env).make_tasks("heldout", cfg.tasks)
         specs = [EpisodeSpec(task, task.task_id, task.task_id) for task in tasks]
         greedy = SamplingConfig(temperature=0.0, max_new_tokens=cfg.max_new_tokens)
-        result = play(ctx, iteration, specs, greedy, cfg.batch_episodes, seed=0, label=f"iter {iteration} evaluate")
-        write_episodes(writer, ctx, iteration, draw=0, result=result)
-        rows = metric_rows(ctx, iteration, result.records)
+        result = play(ctx, iteration, specs, greedy, cfg.batch_episodes, seed=0, label=f"iter {iteration} evaluate",
+                      shard=shard)
+        return write_episodes(writer, ctx, iteration, draw=0, result=result)
+
+    def conclude(writer: StageWriter, episodes: list[dict]) -> None:
+        rows = metric_rows(ctx, iteration, episodes)
         writer.write_rows("metrics.parquet", rows, EVAL_METRICS)
         success = next(r["success_rate"] for r in rows if r["task_type"] == "all")
         promoted = tracking.gate_champion(ctx, published.manifest.details["version"], success)
         writer.metrics["promoted"] = float(promoted)
         writer.details["champion_moved"] = str(promoted)
 
-    return commit_stage(ctx.store, "evaluate", iteration, digest, [policy, published], force, body)
+    def conclude_shards(writer: StageWriter, parts: ShardParts) -> None:
+        episodes = parts.table("episodes.parquet", EPISODES).to_pylist()
+        writer.metrics.update(episode_metrics(episodes, parts.total("play_seconds")))
+        conclude(writer, episodes)
+
+    inputs = [policy, published]
+    if shard is None:
+        return commit_stage(ctx.store, "evaluate", iteration, digest, inputs, force,
+                            lambda writer: conclude(writer, play_tasks(writer)))
+    return commit_shard(ctx.store, "evaluate", iteration, digest, inputs, force, shard, play_tasks, conclude_shards)

@@ -1,8 +1,8 @@
 """Stage `filter`: rejection sampling over every rollout draw of an iteration (DESIGN.md §1.4).
 
-Episodes are rejected first on their own (engine failure, over-generation: too many malformed turns or a runaway
-length), then whole groups: a group whose surviving returns are all equal has zero advantage everywhere and
-teaches nothing. Accepted groups are taken in draw order up to the target; `batch.parquet` keeps every episode
+Episodes are rejected first on their own (engine failure or timeout, over-generation: too many malformed turns or
+a runaway length), then whole groups: a group whose surviving returns are all equal has zero advantage everywhere
+and teaches nothing (kept, with zero advantage, only when `reject_zero_variance` is off, as plain GRPO does). Accepted groups are taken in draw order up to the target; `batch.parquet` keeps every episode
 with the reason it was kept or dropped, and its advantage when kept. When the batch is short, the flow draws an
 auxiliary rollout and runs this stage again over all draws.
 """
@@ -22,6 +22,7 @@ from dypo.stages.commit import (
     commit_stage,
     input_digest,
     read_committed,
+    read_stage_table,
     require_committed,
     rollout_stage_name,
 )
@@ -33,6 +34,7 @@ from dypo.stages.dypo_loss import group_advantages
 class Reason(StrEnum):
     ACCEPTED = "accepted"
     ENV_ERROR = "env_error"
+    ENV_TIMEOUT = "env_timeout"
     MALFORMED = "malformed_fraction"
     TOO_LONG = "too_long"
     GROUP_TOO_SMALL = "group_too_small"
@@ -53,8 +55,8 @@ def committed_draws(ctx: RunContext, iteration: int) -> list[CommittedStage]:
 
 
 def episode_reason(row: dict, max_malformed_fraction: float, max_tokens: int) -> Reason | None:
-    if row["termination"] == "env_error":
-        return Reason.ENV_ERROR
+    if row["termination"] in (Reason.ENV_ERROR, Reason.ENV_TIMEOUT):
+        return Reason(row["termination"])
     if row["malformed_turns"] > max_malformed_fraction * max(row["turns"], 1):
         return Reason.MALFORMED
     if row["total_tokens"] > max_tokens:
@@ -73,7 +75,7 @@ def select(episodes: list[dict], cfg: FilterConfig, last_draw: bool) -> list[dic
         survivors = [r for r in group if r["reason"] is None]
         if len(survivors) < 2:
             group_reason = Reason.GROUP_TOO_SMALL
-        elif len({r["return"] for r in survivors}) == 1:
+        elif cfg.reject_zero_variance and len({r["return"] for r in survivors}) == 1:
             group_reason = Reason.ZERO_VARIANCE
         elif accepted_groups >= cfg.target_groups:
             group_reason = Reason.OVER_TARGET
@@ -102,7 +104,7 @@ def filter_batch(ctx: RunContext, iteration: int, force: bool = False) -> StageO
     digest = input_digest("filter", ctx.config.section("filter"), draws, {"iteration": iteration})
 
     def body(writer):
-        tables = [ctx.store.read_table(f"{d.directory}/episodes.parquet", EPISODES) for d in draws]
+        tables = [read_stage_table(ctx.store, d.directory, "episodes.parquet", EPISODES) for d in draws]
         episodes = pa.concat_tables(tables, promote_options="permissive").to_pylist()
         last_draw = len(draws) == 1 + ctx.config.filter.max_extra_draws
         rows = select(episodes, ctx.config.filter, last_draw)

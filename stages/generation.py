@@ -8,7 +8,13 @@ sequence and can audit the gap between its own log-probs and the sampler's.
 
 The batch keeps one KV cache across all its turns, so a turn encodes only its new observation instead of the
 whole history again: re-encoding would make a turn's cost grow with the square of the episode's length, and
-dominates a 10-turn episode. Episodes leave the cache when they end.
+dominates a 10-turn episode. Episodes leave the cache when they end. With a history window (the prompt plus the
+last K turns, as verl-agent trains), the context changes its prefix every turn, so each turn re-encodes the
+window from scratch; the record says so (`context_reset`), and the optimize stage then trains per turn.
+
+Context is bounded twice: observations longer than `max_observation_chars` are cut (and flagged), and an episode
+whose next turn could overflow `max_context_tokens` ends (termination `context_full`) instead of running past
+the model's positions.
 
 The loop is our own rather than `generate`: it needs that cache across turns, a seeded generator (reproducible
 rollouts without touching global RNG state), and the log-probs after temperature and top-p.
@@ -19,7 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import repeat
 
 import numpy as np
@@ -31,11 +37,33 @@ from dypo.stages.conversation import observation_ids, prompt_ids
 from dypo.stages.environments import EnvError, EnvPool, GameSession
 from dypo.stages.policy import stop_token_ids
 from dypo.stages.trajectory import EpisodeRecord, EpisodeSpec, TurnRecord
-from dypo.stages.turn_format import parse_turn
+from dypo.stages.turn_format import MalformedReason, parse_turn
 
 # What the model reads after a malformed turn. The game receives nothing (its state is unchanged), and the
 # message names the expected shape so the model can recover within the episode; the turn is still flagged.
 INVALID_FORMAT_OBSERVATION = "Invalid action format. Reply as <think>...</think><action>...</action>."
+INVALID_ACTION_OBSERVATION = "Invalid action: that command is not one of the admissible commands."
+TRUNCATION_MARK = " [truncated]"
+
+
+@dataclass(frozen=True)
+class EpisodeRules:
+    """How an episode is played, beyond sampling: its limits and what happens to a malformed turn."""
+
+    system_prompt: str  # the env family's prompt: the task and the turn format
+    max_turns: int
+    max_observation_chars: int
+    max_context_tokens: int
+    history_window: int | None = None  # None: the whole episode in one KV cache; K: prompt + last K turns
+    check_admissible: bool = False  # actions outside the env's admissible list are malformed
+    noop_action: str | None = None  # sent to the env after a malformed turn; None sends nothing
+
+
+def bounded_observation(text: str, limit: int) -> tuple[str, bool]:
+    """The observation cut to `limit` characters (with a visible mark), and whether it was cut."""
+    if len(text) <= limit:
+        return text, False
+    return text[:max(limit - len(TRUNCATION_MARK), 0)] + TRUNCATION_MARK, True
 
 
 @dataclass(frozen=True)
@@ -156,48 +184,72 @@ class _Episode:
     carried: list[int]  # the previous turn's last token, not yet in the KV cache (see _generate_turn)
     pending_ids: list[int]  # the context piece to append before the next generation
     observation: str  # the text behind pending_ids
+    observation_truncated: bool = False
+    prompt_ids: list[int] = field(default_factory=list)
+    history: list[list[int]] = field(default_factory=list)  # per played turn: its generated ids + next observation's
+    cached_tokens: int = 0  # tokens of this episode in the batch's KV cache
 
     @property
     def running(self) -> bool:
         return self.record.termination == "running"
+
+    def next_chunk(self, history_window: int | None) -> list[int]:
+        """What to feed before the next turn: the new piece, or (with a window) the whole re-encoded window."""
+        if history_window is None:
+            return self.carried + self.pending_ids
+        return self.prompt_ids + [token for turn in self.history[-history_window:] for token in turn]
 
     def end(self, termination: str, error: str | None = None) -> None:
         self.record.termination = termination
         self.record.error = error
 
 
-def _start(spec: EpisodeSpec, session: GameSession, tokenizer: PreTrainedTokenizerBase) -> _Episode:
+def _start(spec: EpisodeSpec, session: GameSession, tokenizer: PreTrainedTokenizerBase,
+           rules: EpisodeRules) -> _Episode:
     episode = _Episode(EpisodeRecord(spec), session, [], [], "")
     try:
         observation = session.reset(spec.task)
     except EnvError as error:
-        episode.end("env_error", f"reset failed: {error}")
+        episode.end(error.termination, f"reset failed: {error}")
         return episode
-    episode.pending_ids, episode.observation = prompt_ids(tokenizer, observation), observation
+    episode.observation, episode.observation_truncated = bounded_observation(observation, rules.max_observation_chars)
+    episode.pending_ids = episode.prompt_ids = prompt_ids(tokenizer, rules.system_prompt, episode.observation)
     return episode
 
 
-def _play_turn(
-    episode: _Episode, sample: _Sample, tokenizer: PreTrainedTokenizerBase, generation_s: float
-) -> None:
-    """Apply one generated turn: parse it, send the action to the game, record the turn, prepare the next."""
+def _play_turn(episode: _Episode, sample: _Sample, tokenizer: PreTrainedTokenizerBase, generation_s: float,
+               rules: EpisodeRules, context_ids: list[int]) -> None:
+    """Apply one generated turn: parse it, send the action to the game, record the turn, prepare the next.
+
+    `context_ids` is what was fed before this turn's generation (without the carried token), as recorded.
+    """
     started = time.perf_counter()
     text = tokenizer.decode(sample.token_ids, skip_special_tokens=False)
-    parsed = parse_turn(text, budget_exhausted=not sample.stopped)
-    reward, done, next_observation, error = 0.0, False, INVALID_FORMAT_OBSERVATION, None
-    if not parsed.malformed:
-        try:
-            result = episode.session.step(parsed.action)
-        except EnvError as failure:
-            error = f"step failed: {failure}"
+    reward, done, error, parsed = 0.0, False, None, None
+    try:
+        admissible = episode.session.admissible_commands() if rules.check_admissible else None
+        parsed = parse_turn(text, budget_exhausted=not sample.stopped, admissible=admissible)
+        if parsed.malformed:
+            feedback = (INVALID_ACTION_OBSERVATION if parsed.reason == MalformedReason.NOT_ADMISSIBLE
+                        else INVALID_FORMAT_OBSERVATION)
+            next_observation = feedback
+            if rules.noop_action is not None:  # the game's clock moves and the model sees where it stands
+                result = episode.session.step(rules.noop_action)
+                reward, done = result.reward, result.done
+                next_observation = f"{feedback}\n{result.observation}"
         else:
+            result = episode.session.step(parsed.action)
             reward, done, next_observation = result.reward, result.done, result.observation
-            episode.record.score = result.score
-            episode.record.won = result.won
+            episode.record.score, episode.record.won = result.score, result.won
+    except EnvError as failure:
+        parsed = parsed or parse_turn(text, budget_exhausted=not sample.stopped)
+        error = failure
     episode.record.turns.append(TurnRecord(
         turn_index=len(episode.record.turns),
         observation=episode.observation,
-        context_token_ids=episode.pending_ids,
+        observation_truncated=episode.observation_truncated,
+        context_token_ids=context_ids,
+        context_reset=rules.history_window is not None,
         generated_token_ids=sample.token_ids,
         generated_text=text,
         think=parsed.think,
@@ -210,19 +262,31 @@ def _play_turn(
         latency_s=generation_s + time.perf_counter() - started,
     ))
     episode.carried = sample.token_ids[-1:]
+    episode.cached_tokens += len(context_ids) + len(sample.token_ids) - 1
     if error is not None:
-        episode.end("env_error", error)
+        episode.end(error.termination, f"step failed: {error}")
     elif done:
         episode.end("won" if episode.record.won else "lost")
     else:
-        episode.pending_ids = observation_ids(tokenizer, next_observation)
-        episode.observation = next_observation
+        episode.observation, episode.observation_truncated = bounded_observation(next_observation,
+                                                                                 rules.max_observation_chars)
+        episode.pending_ids = observation_ids(tokenizer, episode.observation)
+        episode.history.append(sample.token_ids + episode.pending_ids)
 
 
 def _batch_generator(seed: int, batch_index: int) -> torch.Generator:
     """A generator per batch, so a batch's rollouts do not depend on how many tokens earlier batches drew."""
     state = np.random.SeedSequence([seed, batch_index]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _end_overflowing(rows: list[_Episode], rules: EpisodeRules, max_new_tokens: int) -> None:
+    """End episodes whose next turn could push their context past `max_context_tokens`."""
+    for episode in rows:
+        chunk = len(episode.next_chunk(rules.history_window))
+        cached = episode.cached_tokens if rules.history_window is None else 0
+        if episode.running and cached + chunk + max_new_tokens > rules.max_context_tokens:
+            episode.end("context_full")
 
 
 @torch.inference_mode()
@@ -232,21 +296,25 @@ def play_episodes(
     specs: list[EpisodeSpec],
     pool: EnvPool,
     sampling: SamplingConfig,
-    max_turns: int,
+    rules: EpisodeRules,
     batch_episodes: int,
     seed: int,
+    first_batch: int = 0,
     on_turn: Callable[[int], None] | None = None,
 ) -> list[EpisodeRecord]:
     """Play every spec to its end and return the records in spec order.
 
     Episodes run `batch_episodes` at a time. An episode ends when the game says done (won or lost), after
-    `max_turns` turns (malformed turns count), or when its game fails (env_error, keeping the turns played).
-    The same seed, model and specs give identical records. `on_turn(n)` is called after each batched turn with
-    the number n of turns played so far over all episodes, to drive a progress bar.
+    `rules.max_turns` turns (malformed turns count), when its context is full, or when its game fails
+    (env_error / env_timeout, keeping the turns played). The same seed, model and specs give identical records.
+    `first_batch` numbers the first batch, so a shard playing batches k, k+1, … of a larger set of specs samples
+    them exactly as the whole set's play does.
+    `on_turn(n)` is called after each batched turn with the number n of turns played so far over all episodes,
+    to drive a progress bar.
 
     A turn's latency is the wall time of the batched generation it was part of plus its own parsing and game
     step, i.e. what the episode waited for. The games of a batch reset and step concurrently: each session is
-    its own engine process, so threads overlap their round trips (the sampling stays on this thread, so the
+    its own worker process, so threads overlap their round trips (the sampling stays on this thread, so the
     records do not depend on thread timing).
     """
     model.eval()
@@ -254,25 +322,32 @@ def play_episodes(
     records: list[EpisodeRecord] = []
     turns_played = 0
     with ThreadPoolExecutor(max_workers=batch_episodes, thread_name_prefix="game") as games:
-        for batch_index, start in enumerate(range(0, len(specs), batch_episodes)):
+        for batch_index, start in enumerate(range(0, len(specs), batch_episodes), start=first_batch):
             batch = specs[start:start + batch_episodes]
             generator = _batch_generator(seed, batch_index)
-            episodes = list(games.map(_start, batch, pool.sessions(len(batch)), repeat(tokenizer)))
+            episodes = list(games.map(_start, batch, pool.sessions(len(batch)), repeat(tokenizer), repeat(rules)))
             # The episodes in the KV cache, in row order.
             rows = [episode for episode in episodes if episode.running]
             context = _BatchContext(model, len(rows))
-            for _ in range(max_turns):
+            for _ in range(rules.max_turns):
+                _end_overflowing(rows, rules, sampling.max_new_tokens)
                 running = [row for row, episode in enumerate(rows) if episode.running]
                 if not running:
                     break
-                if len(running) < len(rows):
+                if rules.history_window is not None:  # the window's prefix moved: encode it afresh
+                    rows = [rows[row] for row in running]
+                    context = _BatchContext(model, len(rows))
+                elif len(running) < len(rows):
                     context.keep(torch.tensor(running))
                     rows = [rows[row] for row in running]
+                chunks = [episode.next_chunk(rules.history_window) for episode in rows]
+                recorded = [chunk if rules.history_window is not None else episode.pending_ids
+                            for chunk, episode in zip(chunks, rows, strict=True)]
                 started = time.perf_counter()
-                samples = _generate_turn(context, [episode.carried + episode.pending_ids for episode in rows],
-                                         sampling, stop_ids, tokenizer.pad_token_id, generator)
+                samples = _generate_turn(context, chunks, sampling, stop_ids, tokenizer.pad_token_id, generator)
                 generation_s = time.perf_counter() - started
-                list(games.map(_play_turn, rows, samples, repeat(tokenizer), repeat(generation_s)))
+                list(games.map(_play_turn, rows, samples, repeat(tokenizer), repeat(generation_s), repeat(rules),
+                               recorded))
                 turns_played += len(rows)
                 if on_turn is not None:
                     on_turn(turns_played)

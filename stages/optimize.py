@@ -20,11 +20,11 @@ import pyarrow.compute as pc
 import torch
 
 from dypo.schemas.tables import BATCH, TRAIN_METRICS, TURNS
-from dypo.stages.commit import StageOutcome, commit_stage, input_digest, require_committed
+from dypo.stages.commit import StageOutcome, commit_stage, input_digest, read_stage_table, require_committed
 from dypo.stages.context import RunContext
 from dypo.stages.dypo_loss import dypo_loss, token_logprobs
 from dypo.stages.policy import load_policy
-from dypo.stages.sequences import TrainingSequence, collate, episode_sequence, micro_batches
+from dypo.stages.sequences import TrainingSequence, TurnTokens, collate, episode_sequence, micro_batches, turn_samples
 from dypo.stages.trainer import DeepSpeedTrainer
 
 
@@ -32,6 +32,8 @@ from dypo.stages.trainer import DeepSpeedTrainer
 class PolicyMicroBatch:
     sequences: list[TrainingSequence]
     old_logprobs: list[torch.Tensor]  # per sequence, unpadded: log pi_old of every token
+    ref_logprobs: list[torch.Tensor] | None  # per sequence: log pi_ref (the frozen warmstart), only with a KL term
+    kl_coef: float
     pad_id: int
     num_tokens_total: int  # generated tokens of the whole update (token-level mean over the batch)
     eps_low: float
@@ -39,23 +41,31 @@ class PolicyMicroBatch:
     temperature: float  # the rollout's sampling temperature: pi = softmax(logits / T)
 
 
+def _padded(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Per-sequence token values laid out like a right-padded batch."""
+    padded = torch.zeros_like(like)
+    for row, values in enumerate(rows):
+        padded[row, :len(values)] = values
+    return padded
+
+
 def policy_loss(engine: torch.nn.Module, batch: PolicyMicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
     tensors = collate(batch.sequences, batch.pad_id)
-    logp_old = torch.zeros_like(tensors["advantages"])
-    for row, old in enumerate(batch.old_logprobs):
-        logp_old[row, :len(old)] = old
     logp, entropy = token_logprobs(engine, tensors["input_ids"], tensors["attention_mask"], with_entropy=True,
                                    temperature=batch.temperature)
-    loss, stats = dypo_loss(logp, logp_old, tensors["advantages"], tensors["loss_mask"], batch.eps_low,
-                            batch.eps_high, batch.num_tokens_total)
+    logp_ref = None if batch.ref_logprobs is None else _padded(batch.ref_logprobs, tensors["advantages"])
+    loss, stats = dypo_loss(logp, _padded(batch.old_logprobs, tensors["advantages"]), tensors["advantages"],
+                            tensors["loss_mask"], batch.eps_low, batch.eps_high, batch.num_tokens_total,
+                            logp_ref=logp_ref, kl_coef=batch.kl_coef)
     stats["entropy"] = (entropy * tensors["loss_mask"]).sum().item() / batch.num_tokens_total
     return loss, stats
 
 
 @torch.no_grad()
-def old_logprobs(model: torch.nn.Module, sequences: list[TrainingSequence], pad_id: int, chunk: int,
-                 temperature: float) -> list[torch.Tensor]:
-    """log pi_old of every token, with the weights that played the rollout (before any update)."""
+def sequence_logprobs(model: torch.nn.Module, sequences: list[TrainingSequence], pad_id: int, chunk: int,
+                      temperature: float) -> list[torch.Tensor]:
+    """log pi of every token of every sequence under a fixed model: pi_old (the weights that played the rollout,
+    before any update) or pi_ref (the frozen warmstart policy of the KL ablation)."""
     model.eval()
     result = []
     for part in micro_batches(sequences, chunk):
@@ -67,16 +77,22 @@ def old_logprobs(model: torch.nn.Module, sequences: list[TrainingSequence], pad_
 
 def load_sequences(ctx: RunContext, batch: pa.Table, draw_dirs: list[str],
                    ) -> tuple[list[TrainingSequence], list[float]]:
-    """Accepted episodes as training sequences, built from the exact token ids the rollout recorded, and each
-    episode's summed sampling log-prob as the rollout engine recorded it (to audit against `logp_old`)."""
+    """Accepted episodes as training samples, built from the exact token ids the rollout recorded, and each
+    sample's summed sampling log-prob as the rollout engine recorded it (to audit against `logp_old`).
+
+    `optimize.sample_form` decides the samples: one sequence per episode, or one per turn (DESIGN.md §1.3 and
+    the verl-agent form); either way every loss token carries its episode's advantage.
+    """
+    cfg = ctx.config.optimize
     accepted = batch.filter(pc.field("accepted"))
     advantages = dict(zip(accepted.column("episode_id").to_pylist(), accepted.column("advantage").to_pylist(),
                           strict=True))
     turns_by_episode: dict[str, list[dict]] = defaultdict(list)
     for directory in draw_dirs:
-        turns = ctx.store.read_table(f"{directory}/turns.parquet", TURNS)
+        turns = read_stage_table(ctx.store, directory, "turns.parquet", TURNS)
         turns = turns.filter(pc.is_in(turns.column("episode_id"), pa.array(list(advantages), pa.string())))
-        columns = ["episode_id", "turn_index", "context_token_ids", "generated_token_ids", "sampling_logprob"]
+        columns = ["episode_id", "turn_index", "context_token_ids", "generated_token_ids", "context_reset",
+                   "sampling_logprob"]
         for row in turns.select(columns).to_pylist():
             turns_by_episode[row["episode_id"]].append(row)
     missing = set(advantages) - set(turns_by_episode)
@@ -85,10 +101,31 @@ def load_sequences(ctx: RunContext, batch: pa.Table, draw_dirs: list[str],
     sequences, sampling_logprobs = [], []
     for episode_id in sorted(advantages):
         rows = sorted(turns_by_episode[episode_id], key=lambda r: r["turn_index"])
-        ids, mask = episode_sequence([(r["context_token_ids"], r["generated_token_ids"]) for r in rows])
-        sequences.append(TrainingSequence(ids, mask, advantages[episode_id]))
-        sampling_logprobs.append(sum(r["sampling_logprob"] for r in rows))
+        turns = [TurnTokens(r["context_token_ids"], r["generated_token_ids"], bool(r["context_reset"]))
+                 for r in rows]
+        if cfg.sample_form == "trajectory":
+            ids, mask = episode_sequence(turns, cfg.mask_observations)
+            sequences.append(TrainingSequence(ids, mask, advantages[episode_id]))
+            sampling_logprobs.append(sum(r["sampling_logprob"] for r in rows))
+        else:
+            for (ids, mask), row in zip(turn_samples(turns), rows, strict=True):
+                sequences.append(TrainingSequence(ids, mask, advantages[episode_id]))
+                sampling_logprobs.append(row["sampling_logprob"])
     return sequences, sampling_logprobs
+
+
+def reference_logprobs(ctx: RunContext, sequences: list[TrainingSequence], chunk: int,
+                       temperature: float) -> list[torch.Tensor]:
+    """log pi_ref of every token under the frozen warmstart policy (the KL ablation).
+
+    The reference is loaded, scored once and dropped before any update, so it never shares memory with the
+    policy being trained; with kl_coef = 0 (DyPO) this function is never called and no reference is loaded.
+    """
+    reference, tokenizer = load_policy(ctx.checkpoint_dir(0))
+    try:
+        return sequence_logprobs(reference, sequences, tokenizer.pad_token_id, chunk, temperature)
+    finally:
+        del reference
 
 
 def sampling_logprob_gap(sequences: list[TrainingSequence], old: list[torch.Tensor],
@@ -109,7 +146,9 @@ def optimize(ctx: RunContext, iteration: int, force: bool = False) -> StageOutco
     cfg = ctx.config.optimize
     filtered = require_committed(ctx.store, "filter", iteration)
     policy, _ = ctx.checkpoint(iteration - 1)
-    digest = input_digest("optimize", ctx.config.section("run", "rollout", "optimize"), [filtered, policy],
+    reference = ctx.checkpoint(0)[0] if cfg.kl_coef > 0 else None
+    inputs = [filtered, policy] if reference is None or reference == policy else [filtered, policy, reference]
+    digest = input_digest("optimize", ctx.config.section("run", "rollout", "optimize"), inputs,
                           {"iteration": iteration})
 
     def body(writer):
@@ -123,17 +162,22 @@ def optimize(ctx: RunContext, iteration: int, force: bool = False) -> StageOutco
             trainer.load_optimizer(ctx.local_copy(policy, "optimizer"))
         rows = []
         if sequences:
-            old = old_logprobs(trainer.model, sequences, tokenizer.pad_token_id, cfg.micro_batch_episodes, temperature)
-            writer.metrics["sampling_logprob_gap"] = sampling_logprob_gap(sequences, old, sampling_logprobs)
+            old = sequence_logprobs(trainer.model, sequences, tokenizer.pad_token_id, cfg.micro_batch_episodes,
+                                    temperature)
+            ref = None if reference is None else reference_logprobs(ctx, sequences, cfg.micro_batch_episodes,
+                                                                    temperature)
+            if cfg.mask_observations:  # otherwise loss tokens include observations, which the sampler never drew
+                writer.metrics["sampling_logprob_gap"] = sampling_logprob_gap(sequences, old, sampling_logprobs)
             rng = random.Random(ctx.config.run.seed * 7919 + iteration)
             indices = list(range(len(sequences)))
-            mini = cfg.mini_batch_episodes or len(sequences)
+            mini = cfg.mini_batch_size or len(sequences)
             for _ in range(cfg.ppo_epochs):
                 rng.shuffle(indices)
                 for start in range(0, len(indices), mini):
                     chosen = indices[start:start + mini]
                     total = sum(sequences[i].num_loss_tokens for i in chosen)
                     chunks = [PolicyMicroBatch([sequences[i] for i in part], [old[i] for i in part],
+                                               None if ref is None else [ref[i] for i in part], cfg.kl_coef,
                                                tokenizer.pad_token_id, total, cfg.eps_low, cfg.eps_high,
                                                temperature)
                               for part in micro_batches(chosen, cfg.micro_batch_episodes)]
@@ -141,18 +185,20 @@ def optimize(ctx: RunContext, iteration: int, force: bool = False) -> StageOutco
                     rows.append({"run": ctx.run_name, "iteration": iteration, "update": len(rows),
                                  "loss": stats["loss"], "clip_fraction": stats["clip_fraction"],
                                  "approx_kl": stats["approx_kl"], "entropy": stats["entropy"],
-                                 "grad_norm": stats["grad_norm"], "episodes": len(chosen), "tokens": total})
+                                 "grad_norm": stats["grad_norm"], "kl_ref": stats.get("kl_ref"),
+                                 "samples": len(chosen), "tokens": total})
         with tempfile.TemporaryDirectory(dir=ctx.cache) as scratch:
             trainer.save(Path(scratch) / "checkpoint", Path(scratch) / "optimizer", tokenizer)
             writer.write_dir("checkpoint", Path(scratch) / "checkpoint")
             writer.write_dir("optimizer", Path(scratch) / "optimizer")
         writer.write_rows("metrics.parquet", rows, TRAIN_METRICS)
         writer.metrics["updates"] = len(rows)
-        writer.metrics["episodes"] = len(sequences)
+        writer.metrics["samples"] = len(sequences)
         if rows:
             last = rows[-1]
             writer.metrics.update({key: float(last[key]) for key in ("loss", "clip_fraction", "approx_kl",
-                                                                       "entropy", "grad_norm")})
+                                                                       "entropy", "grad_norm", "kl_ref")
+                                   if last[key] is not None})
             writer.metrics["tokens"] = sum(r["tokens"] for r in rows)
 
-    return commit_stage(ctx.store, "optimize", iteration, digest, [filtered, policy], force, body)
+    return commit_stage(ctx.store, "optimize", iteration, digest, inputs, force, body)

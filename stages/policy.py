@@ -138,6 +138,9 @@ def load_policy(directory: Path) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerF
             f"{directory} holds no *.safetensors weights; a policy directory is written by save_policy "
             "(or any save_pretrained(safe_serialization=True)), and pickled .bin weights are refused"
         )
-    model = Qwen2ForCausalLM.from_pretrained(directory, use_safetensors=True, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    model = Qwen2ForCausalLM.from_pretrained(directory, use_safetensors=True, dtype=torch.float32,
+                                             local_files_only=True)
+    # local_files_only: never reach for a hub, and transformers records this flag in the tokenizer_config.json the
+    # next save writes, so stating it keeps checkpoints byte-identical whether or not HF_HUB_OFFLINE is set.
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False, local_files_only=True)
     return model.eval(), tokenizer

@@ -2,6 +2,8 @@
 
 DESIGN.md §1.3: an episode is trained as `[prompt, gen_1, obs_1, gen_2, …, gen_T]` built from the exact token
 ids of the rollout; only generated tokens carry loss and every one of them carries the episode's advantage.
+The per-turn form (one sample per turn, its context as prompt) is the alternative for comparison, and the only
+form for episodes played with a history window.
 """
 
 from __future__ import annotations
@@ -31,20 +33,50 @@ class TrainingSequence:
         return sum(self.loss_mask)
 
 
-def episode_sequence(turns: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple[list[int], list[int]]:
-    """Concatenate (context_token_ids, generated_token_ids) of each turn into ids and a loss mask.
+@dataclass(frozen=True)
+class TurnTokens:
+    """One recorded turn, as turns.parquet stores it."""
 
-    Callers pass `[(t.context_token_ids, t.generated_token_ids) for t in episode.turns]`. The first turn must
-    bring a context: a generated token at position 0 has no prefix to be scored against.
+    context_ids: Sequence[int]  # fed before generating: a piece appended to the context, or the whole context
+    generated_ids: Sequence[int]
+    context_reset: bool = False  # context_ids is the turn's whole context (a re-encoded history window)
+
+
+def episode_sequence(turns: Sequence[TurnTokens], mask_observations: bool = True) -> tuple[list[int], list[int]]:
+    """Concatenate each turn's context piece and generated ids into one sequence and its loss mask.
+
+    The first turn must bring a context: a generated token at position 0 has no prefix to be scored against.
+    `mask_observations=False` (an ablation) lets the observation pieces after the prompt carry loss too.
     """
-    if not turns or not turns[0][0]:
+    if not turns or not turns[0].context_ids:
         raise ValueError("an episode needs at least one turn, and its first turn needs context (prompt) tokens")
+    if any(turn.context_reset for turn in turns[1:]):
+        raise ValueError("this episode was played with a history window (its context was re-encoded), so it is "
+                         "not one token sequence; train it with optimize.sample_form: per_turn")
     input_ids: list[int] = []
     loss_mask: list[int] = []
-    for context_ids, generated_ids in turns:
-        input_ids += [*context_ids, *generated_ids]
-        loss_mask += [0] * len(context_ids) + [1] * len(generated_ids)
+    for index, turn in enumerate(turns):
+        observation_loss = 0 if mask_observations or index == 0 else 1
+        input_ids += [*turn.context_ids, *turn.generated_ids]
+        loss_mask += [observation_loss] * len(turn.context_ids) + [1] * len(turn.generated_ids)
     return input_ids, loss_mask
+
+
+def turn_samples(turns: Sequence[TurnTokens]) -> list[tuple[list[int], list[int]]]:
+    """One (ids, loss mask) sample per turn: the context the turn was generated from, then its generated ids.
+
+    This is the per-turn form (as in verl-agent): each turn is its own sample whose prompt is everything the model
+    saw, so a history window trains exactly what was sampled. Loss falls on the turn's generated ids only.
+    """
+    samples = []
+    prefix: list[int] = []
+    for turn in turns:
+        prefix = [*turn.context_ids] if turn.context_reset else [*prefix, *turn.context_ids]
+        if not prefix:
+            raise ValueError("a turn needs context (prompt) tokens before its generated ones")
+        samples.append(([*prefix, *turn.generated_ids], [0] * len(prefix) + [1] * len(turn.generated_ids)))
+        prefix = [*prefix, *turn.generated_ids]
+    return samples
 
 
 def collate(seqs: Sequence[TrainingSequence], pad_id: int) -> dict[str, Tensor]:

@@ -33,7 +33,11 @@ class EpisodeSpec:
 class TurnRecord:
     turn_index: int
     observation: str  # the observation text the model saw right before this turn
-    context_token_ids: list[int]  # tokens appended to the context before generating (prompt or observation)
+    observation_truncated: bool  # the observation was cut to env.max_observation_chars
+    # Tokens fed before generating: the new piece (prompt or observation) appended to the episode's context, or,
+    # when context_reset, the whole context the turn was generated from (a history window re-encoded).
+    context_token_ids: list[int]
+    context_reset: bool
     generated_token_ids: list[int]
     generated_text: str
     think: str | None
@@ -52,7 +56,7 @@ class EpisodeRecord:
     turns: list[TurnRecord] = field(default_factory=list)
     won: bool = False
     score: float = 0.0
-    termination: str = "running"  # won | lost | max_turns | env_error
+    termination: str = "running"  # won | lost | max_turns | context_full | env_error | env_timeout
     error: str | None = None
 
     @property

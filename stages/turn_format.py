@@ -11,6 +11,10 @@ Decisions:
 - Surrounding whitespace of think and action is dropped (it is formatting, not content); nothing else is
   normalized, because the environment matches commands exactly and the model should learn to write them so.
 - Only the four exact tags count as tags; anything else (`<Action>`, `<act`) is plain text.
+- A turn that opens a chat message (`<|im_start|>`, as in `<|im_start|>user`) or an `<observation>` block is
+  writing the environment's side of the conversation: that is a hallucinated observation, whatever else it holds.
+- When the env lists its admissible commands and the caller asks for the check, an action outside that list is
+  malformed too (NOT_ADMISSIBLE): the model did produce a command, but not one the game can execute.
 - A malformed turn carries neither think nor action, so no caller can send a half-parsed command by mistake;
   the raw generated text is stored beside the parse anyway.
 """
@@ -18,6 +22,7 @@ Decisions:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -44,6 +49,8 @@ class MalformedReason(StrEnum):
     MISPLACED_TAG = "misplaced_tag"  # tags nested, unmatched or out of order
     STRAY_TEXT = "stray_text"  # text outside the blocks, before or between them
     TEXT_AFTER_ACTION = "text_after_action"  # the model kept writing past `</action>` (over-generation)
+    HALLUCINATED_OBSERVATION = "hallucinated_observation"  # the model wrote the next message (the env's) itself
+    NOT_ADMISSIBLE = "not_admissible"  # a well-formed action the env does not list among its admissible commands
 
 
 @dataclass(frozen=True)
@@ -64,18 +71,25 @@ def render_turn(think: str, action: str) -> str:
     return f"{THINK_OPEN}{think}{THINK_CLOSE}{ACTION_OPEN}{action}{ACTION_CLOSE}"
 
 
+# Markers of text that belongs to the environment's message, not to the policy's turn.
+_OBSERVATION_MARKERS = ("<|im_start|>", "<observation>", "</observation>")
+
+
 def _malformed(reason: MalformedReason) -> ParsedTurn:
     return ParsedTurn(think=None, action=None, malformed=True, reason=reason)
 
 
-def parse_turn(text: str, budget_exhausted: bool = False) -> ParsedTurn:
+def parse_turn(text: str, budget_exhausted: bool = False, admissible: Sequence[str] | None = None) -> ParsedTurn:
     """Read a generated turn; `budget_exhausted` says generation hit max_new_tokens instead of a stop token.
 
     The turn is the text up to the first `</action>`; anything but whitespace after it is over-generation
     (TEXT_AFTER_ACTION), reported before any defect of the turn itself because it is the signal the filter acts
-    on. Without `</action>` the turn has no action, and the reason says why: the budget ran out, the action was
-    left open, or there never was one.
+    on; a hallucinated observation anywhere in the text is reported before that. Without `</action>` the turn has
+    no action, and the reason says why: the budget ran out, the action was left open, or there never was one.
+    `admissible`, when given, is the env's list of executable commands; the action must be one of them.
     """
+    if any(marker in text for marker in _OBSERVATION_MARKERS):
+        return _malformed(MalformedReason.HALLUCINATED_OBSERVATION)
     end = text.find(ACTION_CLOSE)
     if end < 0:
         if budget_exhausted:
@@ -108,4 +122,6 @@ def parse_turn(text: str, budget_exhausted: bool = False) -> ParsedTurn:
         return _malformed(MalformedReason.STRAY_TEXT)
     if not action:
         return _malformed(MalformedReason.EMPTY_ACTION)
+    if admissible is not None and action not in admissible:
+        return _malformed(MalformedReason.NOT_ADMISSIBLE)
     return ParsedTurn(think=think, action=action, malformed=False, reason=None)

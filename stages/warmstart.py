@@ -3,7 +3,7 @@
 RL from a random policy on multi-turn games would never see a success, so every group would have zero variance
 and DyPO would have nothing to learn from. The warmstart trains a byte-level BPE tokenizer on the environment's
 own text, builds a randomly initialised Qwen2-architecture model, and fine-tunes it briefly on expert games (a
-deterministic explorer that wins every game, see `environments.expert_turns`) rendered in the exact
+family's expert, which wins every game, see `EnvFamily.expert_turns`) rendered in the exact
 `<think>…</think><action>…</action>` format the rollout engine samples. It is deliberately short: the policy
 should play the format and sometimes win, leaving room for RL.
 """
@@ -22,11 +22,14 @@ from dypo.stages.commit import StageOutcome, commit_stage, input_digest
 from dypo.stages.context import RunContext
 from dypo.stages.conversation import expert_sequence
 from dypo.stages.dypo_loss import sft_loss, token_logprobs
-from dypo.stages.environments import EnvPool, ExpertTurn, expert_turns, make_tasks
+from dypo.stages.environments import EnvPool, ExpertTurn, get_family
+from dypo.stages.episodes import system_prompt
 from dypo.stages.policy import build_model, train_tokenizer
 from dypo.stages.sequences import TrainingSequence, collate, micro_batches
 from dypo.stages.trainer import DeepSpeedTrainer
-from dypo.stages.turn_format import SYSTEM_PROMPT, render_turn
+from dypo.stages.turn_format import render_turn
+
+_EXPERT_WORKERS = 2  # expert games are played in this many env workers at once
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,9 @@ def supervised_loss(engine: torch.nn.Module, batch: SupervisedMicroBatch) -> tup
     return sft_loss(logp, batch.tensors["loss_mask"], batch.num_tokens_total), {}
 
 
-def corpus(games: list[list[ExpertTurn]]) -> list[str]:
+def corpus(prompt: str, games: list[list[ExpertTurn]]) -> list[str]:
     """The text the tokenizer learns from: what the model will read and write."""
-    texts = [SYSTEM_PROMPT]
+    texts = [prompt]
     for turns in games:
         texts += [piece for turn in turns for piece in (turn.observation, render_turn(turn.think, turn.action))]
     return texts
@@ -55,17 +58,14 @@ def warmstart(ctx: RunContext, iteration: int = 0, force: bool = False) -> Stage
     digest = input_digest("warmstart", cfg.section("run", "env", "model", "warmstart", "optimize"), [], {})
 
     def body(writer):
-        tasks = make_tasks(cfg.env, "train", cfg.warmstart.expert_tasks, start=0)
-        with EnvPool(cfg.env, 1) as pool, Progress(transient=True) as bar:
-            session = pool.sessions(1)[0]
-            progress = bar.add_task("warmstart: expert games", total=len(tasks))
-            games = []
-            for task in tasks:
-                games.append(expert_turns(cfg.env, task, session))
-                bar.advance(progress)
-        tokenizer = train_tokenizer(corpus(games[:cfg.model.tokenizer_corpus_tasks]), cfg.model.vocab_size)
+        tasks = get_family(cfg.env).make_tasks("train", cfg.warmstart.expert_tasks, start=0)
+        with EnvPool(cfg.env, _EXPERT_WORKERS) as pool, Progress(transient=True) as bar:
+            bar.add_task("warmstart: expert games", total=None)
+            games = pool.expert_episodes(tasks)
+        prompt = system_prompt(cfg.env)
+        tokenizer = train_tokenizer(corpus(prompt, games[:cfg.model.tokenizer_corpus_tasks]), cfg.model.vocab_size)
         model = build_model(tokenizer, cfg.model, seed=cfg.run.seed)
-        sequences = [TrainingSequence(*expert_sequence(tokenizer, turns), advantage=0.0) for turns in games]
+        sequences = [TrainingSequence(*expert_sequence(tokenizer, prompt, turns), advantage=0.0) for turns in games]
         trainer = DeepSpeedTrainer(model, learning_rate=cfg.warmstart.learning_rate,
                                    zero_stage=cfg.optimize.zero_stage, max_grad_norm=cfg.optimize.max_grad_norm,
                                    extensions_dir=ctx.cache / "torch_extensions")

@@ -85,3 +85,51 @@ def test_stage_command_names_unknown_stages_and_missing_runs(tmp_path):
     create_run(str(tmp_path / "run"), parse_config({"tracking": {"mlflow_uri": f"sqlite:///{tmp_path}/m.db"}}))
     unknown = CliRunner().invoke(app, ["stage", "rollouts", "--run", str(tmp_path / "run"), "--iter", "1"])
     assert unknown.exit_code == 2 and "unknown stage 'rollouts'" in unknown.output
+
+
+def test_the_dypo_preset_is_the_default():
+    assert load_config(CONFIGS / "tiny-cpu.yaml", ["dypo"]).model_copy(
+        update={"run": load_config(CONFIGS / "tiny-cpu.yaml").run}) == load_config(CONFIGS / "tiny-cpu.yaml")
+
+
+@pytest.mark.parametrize("preset", ["grpo", "dapo-style"])
+def test_presets_change_only_algorithm_switches_and_are_recorded(preset):
+    base, varied = load_config(CONFIGS / "tiny-cpu.yaml"), load_config(CONFIGS / "tiny-cpu.yaml", [preset])
+    changed = {name for name in type(base).model_fields if getattr(base, name) != getattr(varied, name)}
+    assert changed == {"run", "filter", "optimize"}
+    assert varied.run.presets == [preset]
+
+
+def test_grpo_has_a_kl_term_and_no_resampling_and_dapo_clips_higher():
+    grpo = load_config(CONFIGS / "tiny-cpu.yaml", ["grpo"])
+    assert grpo.optimize.kl_coef > 0 and grpo.filter.max_extra_draws == 0 and not grpo.filter.reject_zero_variance
+    dapo = load_config(CONFIGS / "tiny-cpu.yaml", ["dapo-style"])
+    assert dapo.optimize.eps_high > dapo.optimize.eps_low and dapo.filter.reject_zero_variance
+
+
+def test_overrides_apply_last_with_yaml_values():
+    config = load_config(CONFIGS / "tiny-cpu.yaml", ["grpo"], ["optimize.kl_coef=0.1", "filter.std_normalize=false"])
+    assert config.optimize.kl_coef == 0.1 and config.filter.std_normalize is False
+    assert config.run.overrides == ["optimize.kl_coef=0.1", "filter.std_normalize=false"]
+
+
+def test_bad_presets_and_overrides_are_explained():
+    with pytest.raises(ConfigError, match="no preset 'ppo'.*dypo, grpo, dapo-style"):
+        load_config(CONFIGS / "tiny-cpu.yaml", ["ppo"])
+    with pytest.raises(ConfigError, match="is not KEY=VALUE"):
+        load_config(CONFIGS / "tiny-cpu.yaml", [], ["optimize.kl_coef"])
+    with pytest.raises(ConfigError, match=r"unknown key 'optimize\.kl_coeff'.*did you mean 'optimize\.kl_coef'"):
+        load_config(CONFIGS / "tiny-cpu.yaml", [], ["optimize.kl_coeff=0.1"])
+
+
+def test_history_window_needs_per_turn_samples():
+    with pytest.raises(ConfigError, match="history_window.*per_turn"):
+        parse_config({"rollout": {"history_window": 2}})
+    assert parse_config({"rollout": {"history_window": 2}, "optimize": {"sample_form": "per_turn"}})
+
+
+def test_config_show_applies_presets_from_the_cli():
+    result = CliRunner().invoke(app, ["config", "show", "--config", str(CONFIGS / "tiny-cpu.yaml"),
+                                      "--preset", "grpo", "--set", "optimize.kl_coef=0.2"])
+    assert result.exit_code == 0, result.output
+    assert "kl_coef: 0.2" in result.output and "- grpo" in result.output

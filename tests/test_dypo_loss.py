@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from dypo.stages.dypo_loss import dypo_loss, group_advantages, sft_loss, token_logprobs
-from dypo.stages.sequences import TrainingSequence, collate, episode_sequence, micro_batches
+from dypo.stages.sequences import TrainingSequence, TurnTokens, collate, episode_sequence, micro_batches, turn_samples
 
 EPS_LOW, EPS_HIGH = 0.2, 0.28
 
@@ -180,11 +180,56 @@ def test_group_advantages_use_the_population_std_in_input_order() -> None:
 
 
 def test_episode_sequence_masks_everything_but_generated_tokens() -> None:
-    ids, mask = episode_sequence([([1, 2, 3], [4, 5]), ([6], [7, 8, 9])])
+    ids, mask = episode_sequence([TurnTokens([1, 2, 3], [4, 5]), TurnTokens([6], [7, 8, 9])])
     assert ids == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert mask == [0, 0, 0, 1, 1, 0, 1, 1, 1]
     with pytest.raises(ValueError, match="context"):
-        episode_sequence([([], [4, 5])])
+        episode_sequence([TurnTokens([], [4, 5])])
+
+
+def test_the_observation_masking_ablation_puts_loss_on_observations_but_never_on_the_prompt() -> None:
+    _, mask = episode_sequence([TurnTokens([1, 2, 3], [4, 5]), TurnTokens([6], [7, 8, 9])], mask_observations=False)
+    assert mask == [0, 0, 0, 1, 1, 1, 1, 1, 1]
+
+
+def test_per_turn_samples_are_each_turns_context_then_its_tokens() -> None:
+    turns = [TurnTokens([1, 2, 3], [4, 5]), TurnTokens([6], [7, 8, 9]), TurnTokens([10], [11])]
+    samples = turn_samples(turns)
+    assert samples == [([1, 2, 3, 4, 5], [0, 0, 0, 1, 1]),
+                       ([1, 2, 3, 4, 5, 6, 7, 8, 9], [0] * 6 + [1, 1, 1]),
+                       ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [0] * 10 + [1])]
+    # the last turn's sample is the whole episode, and the per-turn loss tokens are the episode's generated tokens
+    assert samples[-1][0] == episode_sequence(turns)[0]
+    assert sum(sum(mask) for _, mask in samples) == sum(episode_sequence(turns)[1])
+
+
+def test_a_windowed_episode_trains_per_turn_only() -> None:
+    """With a history window each turn records its whole (re-encoded) context."""
+    turns = [TurnTokens([1, 2], [3], context_reset=True), TurnTokens([1, 2, 3, 4], [5], context_reset=True),
+             TurnTokens([1, 2, 5, 6], [7], context_reset=True)]
+    assert turn_samples(turns) == [([1, 2, 3], [0, 0, 1]), ([1, 2, 3, 4, 5], [0, 0, 0, 0, 1]),
+                                   ([1, 2, 5, 6, 7], [0, 0, 0, 0, 1])]
+    with pytest.raises(ValueError, match="per_turn"):
+        episode_sequence(turns)
+
+
+def test_kl_to_the_reference_is_the_deepseekmath_estimator_and_zero_at_the_reference() -> None:
+    batch = two_episodes()
+    args = (batch["logp"], batch["logp_old"], batch["advantages"], batch["loss_mask"], EPS_LOW, EPS_HIGH, 4)
+    plain, _ = dypo_loss(*args)
+    at_reference, stats = dypo_loss(*args, logp_ref=batch["logp"].detach(), kl_coef=0.5)
+    assert stats["kl_ref"] == 0.0 and at_reference.item() == pytest.approx(plain.item(), abs=1e-7)
+    # reference log-probs 0.3 below the policy on every token: KL per token = e^-0.3 + 0.3 - 1
+    with_kl, stats = dypo_loss(*args, logp_ref=batch["logp"].detach() - 0.3, kl_coef=0.5)
+    per_token = math.exp(-0.3) + 0.3 - 1
+    assert stats["kl_ref"] == pytest.approx(4 * per_token / 4, abs=1e-6)
+    assert with_kl.item() == pytest.approx(plain.item() + 0.5 * per_token, abs=1e-6)
+    # its gradient pulls each loss token's log-prob toward the reference: d/dlogp = 0.5 * (1 - e^-0.3) / 4 > 0
+    kl_only = dypo_loss(batch["logp"], batch["logp"].detach(), torch.zeros(2, 4), batch["loss_mask"], EPS_LOW,
+                        EPS_HIGH, 4, logp_ref=batch["logp"].detach() - 0.3, kl_coef=0.5)[0]
+    (gradient,) = torch.autograd.grad(kl_only, batch["logp"])
+    expected = batch["loss_mask"] * 0.5 * (1 - math.exp(-0.3)) / 4
+    assert torch.allclose(gradient, expected, atol=1e-7)
 
 
 def test_collate_right_pads_and_spreads_the_advantage_over_loss_tokens() -> None:

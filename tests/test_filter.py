@@ -30,11 +30,20 @@ def test_over_generation_and_engine_failures_are_rejected_per_episode():
     rows = select([
         episode("g", 0, 1.0), episode("g", 1, 0.0), episode("g", 2, 0.0, malformed=3, turns=4),
         episode("g", 3, 0.0, tokens=10_000), episode("g", 4, 0.0, termination="env_error"),
+        episode("g", 5, 0.0, termination="env_timeout"),
     ], FilterConfig(target_groups=1, max_extra_draws=0, max_malformed_fraction=0.5, max_episode_tokens=4096),
         last_draw=True)
     assert reasons(rows) == {"g-0": "accepted", "g-1": "accepted", "g-2": "malformed_fraction",
-                             "g-3": "too_long", "g-4": "env_error"}
-    assert [r["accepted"] for r in rows] == [True, True, False, False, False]
+                             "g-3": "too_long", "g-4": "env_error", "g-5": "env_timeout"}
+    assert [r["accepted"] for r in rows] == [True, True, False, False, False, False]
+
+
+def test_without_zero_variance_rejection_an_all_equal_group_is_kept_with_zero_advantage():
+    """Plain GRPO keeps such groups; they add tokens with A = 0 to the batch mean and no gradient of their own."""
+    rows = select([episode("a", 0, 1.0), episode("a", 1, 1.0), episode("b", 0, 1.0), episode("b", 1, 0.0)],
+                  FilterConfig(target_groups=2, max_extra_draws=0, reject_zero_variance=False), last_draw=True)
+    assert all(r["accepted"] for r in rows)
+    assert [r["advantage"] for r in rows if r["group_id"] == "a"] == [0.0, 0.0]
 
 
 def test_a_group_left_with_one_survivor_is_too_small():

@@ -11,15 +11,21 @@ import torch
 
 from dypo.stages.config import EnvConfig, ModelConfig, SamplingConfig
 from dypo.stages.conversation import expert_sequence, observation_ids, prompt_ids, turn_ids
-from dypo.stages.environments import EnvError, EnvPool, StepResult, expert_turns, make_tasks
-from dypo.stages.generation import INVALID_FORMAT_OBSERVATION, play_episodes
+from dypo.stages.environments import EnvError, EnvPool, StepResult, get_family
+from dypo.stages.generation import (
+    INVALID_ACTION_OBSERVATION,
+    INVALID_FORMAT_OBSERVATION,
+    TRUNCATION_MARK,
+    EpisodeRules,
+    play_episodes,
+)
 from dypo.stages.policy import build_model, stop_token_ids, train_tokenizer
 from dypo.stages.trajectory import EpisodeRecord, EpisodeSpec
 from dypo.stages.turn_format import SYSTEM_PROMPT, render_turn
 
 ENV = EnvConfig()
 TINY = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
-TERMINATIONS = {"won", "lost", "max_turns", "env_error"}
+TERMINATIONS = {"won", "lost", "max_turns", "context_full", "env_error", "env_timeout"}
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +36,7 @@ def pool():
 
 @pytest.fixture(scope="module")
 def games(pool):
-    session = pool.sessions(1)[0]
-    return [expert_turns(ENV, task, session) for task in make_tasks(ENV, "train", 24)]
+    return pool.expert_episodes(get_family(ENV).make_tasks("train", 24))
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,7 @@ def untrained(tokenizer):
 def trained(tokenizer, games):
     """100 supervised steps on the experts' first two turns: enough to write the turn format, and to win some."""
     model = build_model(tokenizer, TINY, seed=0)
-    sequences = [expert_sequence(tokenizer, turns[:2]) for turns in games]
+    sequences = [expert_sequence(tokenizer, SYSTEM_PROMPT, turns[:2]) for turns in games]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
     model.train()
@@ -70,8 +75,15 @@ def trained(tokenizer, games):
     return model.eval()
 
 
+def _rules(max_turns: int, **changes) -> EpisodeRules:
+    """The engine's limits as the tiny default sets them, with `changes`."""
+    fields = {"system_prompt": SYSTEM_PROMPT, "max_observation_chars": ENV.max_observation_chars,
+              "max_context_tokens": 2048, **changes}
+    return EpisodeRules(max_turns=max_turns, **fields)
+
+
 def _specs(count: int, group_size: int = 2) -> list[EpisodeSpec]:
-    tasks = make_tasks(ENV, "train", count // group_size, start=100)
+    tasks = get_family(ENV).make_tasks("train", count // group_size, start=100)
     return [EpisodeSpec(task, f"g{i // group_size}", f"e{i}") for i, task in enumerate(
         task for task in tasks for _ in range(group_size))]
 
@@ -98,7 +110,7 @@ def test_prompt_is_the_chat_template(tokenizer, games):
     observation = games[0][0].observation
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": observation}]
     expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert prompt_ids(tokenizer, observation) == tokenizer.encode(expected, add_special_tokens=False)
+    assert prompt_ids(tokenizer, SYSTEM_PROMPT, observation) == tokenizer.encode(expected, add_special_tokens=False)
 
 
 def test_observation_closes_and_reopens_the_assistant_message(tokenizer):
@@ -108,11 +120,12 @@ def test_observation_closes_and_reopens_the_assistant_message(tokenizer):
 
 def test_expert_sequence_masks_exactly_the_turns(tokenizer, games):
     turns = max(games, key=len)
-    input_ids, loss_mask = expert_sequence(tokenizer, turns)
+    input_ids, loss_mask = expert_sequence(tokenizer, SYSTEM_PROMPT, turns)
     assert len(input_ids) == len(loss_mask)
     expected_ids, expected_mask = [], []
     for index, turn in enumerate(turns):
-        context = (prompt_ids if index == 0 else observation_ids)(tokenizer, turn.observation)
+        context = (prompt_ids(tokenizer, SYSTEM_PROMPT, turn.observation) if index == 0
+                   else observation_ids(tokenizer, turn.observation))
         generated = turn_ids(tokenizer, turn.think, turn.action)
         assert generated[-1] == tokenizer.convert_tokens_to_ids("</action>")
         assert tokenizer.decode(generated) == render_turn(turn.think, turn.action)
@@ -126,7 +139,7 @@ def test_expert_sequence_masks_exactly_the_turns(tokenizer, games):
 
 def test_same_seed_same_records_other_seed_other_tokens(trained, tokenizer, pool):
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=24)
-    play = [play_episodes(trained, tokenizer, _specs(6), pool, sampling, max_turns=3, batch_episodes=4, seed=seed)
+    play = [play_episodes(trained, tokenizer, _specs(6), pool, sampling, rules=_rules(3), batch_episodes=4, seed=seed)
             for seed in (7, 7, 8)]
     first, again, other = play
     assert _tokens(first) == _tokens(again)
@@ -139,12 +152,12 @@ def test_same_seed_same_records_other_seed_other_tokens(trained, tokenizer, pool
 def test_recorded_logprobs_are_the_models_on_the_full_sequence(trained, tokenizer, pool):
     """The on-policy check: what the optimize stage recomputes on the stored ids is what the sampler drew."""
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=24)
-    records = play_episodes(trained, tokenizer, _specs(6), pool, sampling, max_turns=4, batch_episodes=4, seed=1)
+    records = play_episodes(trained, tokenizer, _specs(6), pool, sampling, rules=_rules(4), batch_episodes=4, seed=1)
     checked = 0
     for record in records:
         assert record.termination in TERMINATIONS
         sequence, spans = _full_sequence(record)
-        assert record.turns[0].context_token_ids == prompt_ids(tokenizer, record.turns[0].observation)
+        assert record.turns[0].context_token_ids == prompt_ids(tokenizer, SYSTEM_PROMPT, record.turns[0].observation)
         for turn in record.turns[1:]:
             assert turn.context_token_ids == observation_ids(tokenizer, turn.observation)
         with torch.no_grad():
@@ -162,7 +175,7 @@ def test_turns_stop_at_action_close_and_reach_the_game(trained, tokenizer, pool)
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=32)
     specs = _specs(4)
     steps: list[int] = []
-    records = play_episodes(trained, tokenizer, specs, pool, sampling, max_turns=4, batch_episodes=4, seed=0,
+    records = play_episodes(trained, tokenizer, specs, pool, sampling, rules=_rules(4), batch_episodes=4, seed=0,
                             on_turn=steps.append)
     action_close = tokenizer.convert_tokens_to_ids("</action>")
     turns = [turn for record in records for turn in record.turns]
@@ -186,7 +199,7 @@ def test_turns_stop_at_action_close_and_reach_the_game(trained, tokenizer, pool)
 
 def test_greedy_is_temperature_zero_argmax(trained, tokenizer, pool):
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=24)
-    first, other_seed = (play_episodes(trained, tokenizer, _specs(4), pool, sampling, max_turns=2, batch_episodes=4,
+    first, other_seed = (play_episodes(trained, tokenizer, _specs(4), pool, sampling, rules=_rules(2), batch_episodes=4,
                                        seed=seed) for seed in (0, 5))
     assert _tokens(first) == _tokens(other_seed)
     for record in first:
@@ -198,14 +211,14 @@ def test_greedy_is_temperature_zero_argmax(trained, tokenizer, pool):
             assert turn.sampling_logprob == 0.0
     # a nucleus so small that only the top token is in it samples greedily too
     tiny_nucleus = SamplingConfig(temperature=1.0, top_p=1e-6, max_new_tokens=24)
-    nucleus = play_episodes(trained, tokenizer, _specs(4), pool, tiny_nucleus, max_turns=2, batch_episodes=4, seed=3)
+    nucleus = play_episodes(trained, tokenizer, _specs(4), pool, tiny_nucleus, rules=_rules(2), batch_episodes=4, seed=3)
     assert _tokens(nucleus) == _tokens(first)
     assert all(turn.sampling_logprob == 0.0 for record in nucleus for turn in record.turns)
 
 
 def test_malformed_turn_sends_nothing_and_says_so(untrained, tokenizer, pool):
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=8)
-    records = play_episodes(untrained, tokenizer, _specs(2), pool, sampling, max_turns=3, batch_episodes=2, seed=0)
+    records = play_episodes(untrained, tokenizer, _specs(2), pool, sampling, rules=_rules(3), batch_episodes=2, seed=0)
     for record in records:
         assert record.termination == "max_turns" and len(record.turns) == 3
         for previous, turn in zip(record.turns, record.turns[1:], strict=False):
@@ -242,7 +255,7 @@ class _FailingPool:
 
 def test_env_error_ends_the_episode_and_keeps_its_turns(trained, tokenizer, pool):
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=32)
-    records = play_episodes(trained, tokenizer, _specs(4), _FailingPool(pool), sampling, max_turns=6,
+    records = play_episodes(trained, tokenizer, _specs(4), _FailingPool(pool), sampling, rules=_rules(6),
                             batch_episodes=4, seed=0)
     failed = [record for record in records if record.termination == "env_error"]
     assert failed, "some episode should have reached a second game step"
@@ -250,3 +263,104 @@ def test_env_error_ends_the_episode_and_keeps_its_turns(trained, tokenizer, pool
         assert "JVM went away" in record.error
         assert sum(not turn.malformed for turn in record.turns) == 2
         assert not record.turns[-1].malformed and not record.turns[-1].done
+
+
+# --- context bounds, KV-cache reuse, malformed-turn handling ------------------------------------------------------
+
+
+def test_kv_cache_reuse_gives_the_tokens_of_full_re_encoding(trained, tokenizer, pool):
+    """A history window as long as the episode re-encodes the whole history every turn, with no cache across turns;
+    greedy decoding must produce exactly the tokens of the engine that keeps one KV cache for the episode."""
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=32)
+    cached = play_episodes(trained, tokenizer, _specs(6), pool, greedy, rules=_rules(5), batch_episodes=3, seed=0)
+    re_encoded = play_episodes(trained, tokenizer, _specs(6), pool, greedy, rules=_rules(5, history_window=5),
+                               batch_episodes=3, seed=0)
+    assert sum(len(record.turns) for record in cached) > 6, "episodes should run several turns"
+    assert _tokens(re_encoded) == _tokens(cached)
+    assert all(turn.context_reset for record in re_encoded for turn in record.turns)
+    assert not any(turn.context_reset for record in cached for turn in record.turns)
+
+
+def test_a_history_window_keeps_the_prompt_and_the_last_turns(trained, tokenizer, pool):
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=32)
+    (record,) = play_episodes(trained, tokenizer, _specs(2, group_size=1)[:1], pool, sampling,
+                              rules=_rules(4, history_window=1), batch_episodes=1, seed=0)
+    assert len(record.turns) >= 3, "the episode should last a few turns"
+    prompt = record.turns[0].context_token_ids
+    for previous, turn in zip(record.turns, record.turns[1:], strict=False):
+        expected = prompt + previous.generated_token_ids + observation_ids(tokenizer, turn.observation)
+        assert turn.context_token_ids == expected
+
+
+def test_a_finished_episode_leaves_the_batch(trained, tokenizer, pool):
+    """Each turn starts with one forward over the new context pieces; its batch holds only running episodes."""
+    rows_per_turn: list[int] = []
+
+    def record_chunk_rows(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] > 1:  # a turn's first feed; token steps feed width 1
+            rows_per_turn.append(kwargs["input_ids"].shape[0])
+
+    handle = trained.register_forward_pre_hook(record_chunk_rows, with_kwargs=True)
+    try:
+        records = play_episodes(trained, tokenizer, _specs(4), pool, SamplingConfig(temperature=0.0, max_new_tokens=32),
+                                rules=_rules(6), batch_episodes=4, seed=0)
+    finally:
+        handle.remove()
+    running = [sum(len(record.turns) > turn for record in records) for turn in range(6)]
+    assert rows_per_turn == [count for count in running if count]
+    assert running[-1] < running[0], "some episode should end early (won) and stop consuming compute"
+
+
+def test_a_full_context_ends_the_episode_within_its_bound(trained, tokenizer, pool):
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=32)
+    limit = 260
+    records = play_episodes(trained, tokenizer, _specs(4), pool, sampling, rules=_rules(8, max_context_tokens=limit),
+                            batch_episodes=4, seed=0)
+    assert any(record.termination == "context_full" for record in records)
+    for record in records:
+        sequence, _ = _full_sequence(record)
+        assert len(sequence) <= limit
+
+
+def test_long_observations_are_cut_and_flagged(trained, tokenizer, pool):
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=32)
+    records = play_episodes(trained, tokenizer, _specs(2), pool, sampling, rules=_rules(2, max_observation_chars=60),
+                            batch_episodes=2, seed=0)
+    first = records[0].turns[0]
+    assert first.observation_truncated and first.observation.endswith(TRUNCATION_MARK)
+    assert all(len(turn.observation) <= 60 for record in records for turn in record.turns)
+
+
+def test_noop_after_a_malformed_turn_shows_the_game_state(untrained, tokenizer, pool):
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=8)
+    records = play_episodes(untrained, tokenizer, _specs(2), pool, sampling,
+                            rules=_rules(3, noop_action="look around"), batch_episodes=2, seed=0)
+    followed = [(previous, turn) for record in records for previous, turn in zip(record.turns, record.turns[1:],
+                                                                                 strict=False) if previous.malformed]
+    assert followed
+    for _, turn in followed:
+        assert turn.observation.startswith(INVALID_FORMAT_OBSERVATION + "\n")
+        assert "You are in the" in turn.observation  # the no-op's answer: where the agent stands
+
+
+def test_an_inadmissible_action_is_malformed_and_never_reaches_the_game(trained, tokenizer, pool):
+    """Sessions that admit only `look around`: every well-formed turn of the policy is then not admissible."""
+
+    class OnlyLook(_FailingPool.Session):
+        def step(self, action):
+            assert action == "look around", f"{action!r} reached the game"
+            return self.session.step(action)
+
+        def admissible_commands(self):
+            return ["look around"]
+
+    class OnlyLookPool(_FailingPool):
+        def sessions(self, n):
+            return [OnlyLook(session) for session in self.pool.sessions(n)]
+
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=32)
+    records = play_episodes(trained, tokenizer, _specs(2), OnlyLookPool(pool), sampling,
+                            rules=_rules(2, check_admissible=True), batch_episodes=2, seed=0)
+    first = records[0].turns[0]
+    assert first.malformed and first.malformed_reason == "not_admissible" and first.action is None
+    assert records[0].turns[1].observation == INVALID_ACTION_OBSERVATION

@@ -24,12 +24,13 @@ from dypo.schemas.tables import BATCH, EPISODES, EVAL_METRICS, TRAIN_METRICS, TU
 from dypo.stages.commit import read_committed
 from dypo.stages.config import parse_config
 from dypo.stages.context import create_run, open_run
-from dypo.stages.optimize import load_sequences, old_logprobs, sampling_logprob_gap
+from dypo.stages.optimize import load_sequences, sequence_logprobs, sampling_logprob_gap
 from dypo.stages.policy import load_policy
+from dypo.stages.registry import run_stage
 
 MICRO = {
     "run": {"name": "micro", "iterations": 1},
-    "env": {"num_locations": 2, "max_turns": 4},
+    "env": {"max_turns": 4, "twx": {"num_locations": 2}},
     "model": {"vocab_size": 400, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
               "intermediate_size": 64, "tokenizer_corpus_tasks": 16},
     "warmstart": {"expert_tasks": 16, "steps": 40, "batch_size": 8, "learning_rate": 5e-3},
@@ -87,7 +88,7 @@ def test_local_run_commits_every_stage_with_valid_artifacts(local_run):
     assert all(b["reason"] for b in batch)
     assert all((b["advantage"] is not None) == b["accepted"] for b in batch)
     [update] = store.read_table("iter-000001/optimize/metrics.parquet", TRAIN_METRICS).to_pylist()
-    assert update["episodes"] == sum(b["accepted"] for b in batch) > 0
+    assert update["samples"] == sum(b["accepted"] for b in batch) > 0
     assert store.exists("iter-000001/optimize/checkpoint/model.safetensors")
     assert store.exists("iter-000001/optimize/optimizer/optimizer.safetensors")
     metrics = store.read_table("iter-000001/evaluate/metrics.parquet", EVAL_METRICS).to_pylist()
@@ -220,5 +221,32 @@ def test_optimize_scores_exactly_what_the_rollout_sampled(local_run):
     batch = ctx.store.read_table(f"{filtered.directory}/batch.parquet", BATCH)
     sequences, sampled = load_sequences(ctx, batch, filtered.manifest.details["draw_stages"].split(","))
     model, tokenizer = load_policy(ctx.checkpoint_dir(0))
-    wrong = old_logprobs(model, sequences, tokenizer.pad_token_id, 4, temperature=1.0)
+    wrong = sequence_logprobs(model, sequences, tokenizer.pad_token_id, 4, temperature=1.0)
     assert sampling_logprob_gap(sequences, wrong, sampled) > 0.01
+
+
+def test_ablation_switches_run_through_rollout_filter_and_optimize(local_run, tmp_path):
+    """GRPO's KL to a frozen reference, per-turn samples over a history window, no-op after malformed turns and the
+    shaped return, on a run forked from the local run's warmstart: every sample is still scored on-policy."""
+    source = open_run(local_run[0]).store
+    config = parse_config({**MICRO, "tracking": {"mlflow_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+                           "rollout": {**MICRO["rollout"], "history_window": 2, "on_malformed": "noop",
+                                       "reward": "shaped"},
+                           "filter": {"target_groups": 2, "max_extra_draws": 0, "reject_zero_variance": False,
+                                      "max_malformed_fraction": 1.0},
+                           "optimize": {"micro_batch_episodes": 3, "kl_coef": 0.04, "sample_form": "per_turn"}})
+    ctx = create_run(str(tmp_path / "ablation"), config)
+    for key in source.list_files("iter-000000/warmstart"):
+        ctx.store.write_bytes(key, source.read_bytes(key))
+    for stage in ("rollout", "filter", "optimize"):
+        run_stage(ctx.store.uri, stage, 1)
+    turns = ctx.store.read_table("iter-000001/rollout/turns.parquet", TURNS).to_pylist()
+    assert all(t["context_reset"] for t in turns)
+    batch = ctx.store.read_table("iter-000001/filter/batch.parquet", BATCH).to_pylist()
+    accepted = {b["episode_id"] for b in batch if b["accepted"]}
+    assert len(accepted) == 6, "without zero-variance rejection both groups are trained"
+    optimized = read_committed(ctx.store, "optimize", 1).manifest
+    [update] = ctx.store.read_table("iter-000001/optimize/metrics.parquet", TRAIN_METRICS).to_pylist()
+    assert update["samples"] == sum(t["episode_id"] in accepted for t in turns)
+    assert update["kl_ref"] is not None and abs(update["kl_ref"]) < 1e-6, "policy == reference before the update"
+    assert optimized.metrics["sampling_logprob_gap"] < 1e-4

@@ -38,12 +38,35 @@ MALFORMED = [
     ("<think>x</think> then <action>move north</action>", False, R.STRAY_TEXT),
     ("<think>x</think><action>move north</action>\nYou are in the pantry.", False, R.TEXT_AFTER_ACTION),
     ("<think>x</think><action>move north</action><action>take coin</action>", False, R.TEXT_AFTER_ACTION),
+    ("<think>x</think><action>move north</action><|im_start|>user\nYou are in the pantry.", False,
+     R.HALLUCINATED_OBSERVATION),
+    ("<think>x</think><observation>You see a coin.</observation><action>take coin</action>", False,
+     R.HALLUCINATED_OBSERVATION),
+    ("<think>I imagine <|im_start|>user", True, R.HALLUCINATED_OBSERVATION),
 ]
+ADMISSIBLE = ["look around", "move north", "take coin"]
 
 
 @pytest.mark.parametrize(("text", "think", "action"), VALID)
 def test_valid_turns(text: str, think: str | None, action: str) -> None:
     assert parse_turn(text) == ParsedTurn(think=think, action=action, malformed=False, reason=None)
+
+
+def test_every_reason_has_a_case() -> None:
+    covered = {reason for _, _, reason in MALFORMED} | {R.NOT_ADMISSIBLE}  # the latter: see the next tests
+    assert covered == set(MalformedReason)
+
+
+def test_an_action_outside_the_admissible_commands_is_malformed() -> None:
+    assert parse_turn("<think>x</think><action>move west</action>", admissible=ADMISSIBLE) == ParsedTurn(
+        think=None, action=None, malformed=True, reason=R.NOT_ADMISSIBLE)
+    assert parse_turn("<think>x</think><action>move north</action>", admissible=ADMISSIBLE).action == "move north"
+
+
+def test_without_an_admissible_list_any_well_formed_action_passes() -> None:
+    assert parse_turn("<action>move west</action>", admissible=None).action == "move west"
+    # a format defect is reported as such even when the action would not be admissible either
+    assert parse_turn("<action>   </action>", admissible=ADMISSIBLE).reason == R.EMPTY_ACTION
 
 
 @pytest.mark.parametrize(("text", "budget_exhausted", "reason"), MALFORMED)
