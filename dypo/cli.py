@@ -46,7 +46,7 @@ def _use_local_prefect(run_uri: str, home: str | None) -> None:
 
 
 def _fail(error: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {error}")
+    console.print(f"[red]error:[/red] {error}", soft_wrap=True)  # URIs and paths stay copyable
     return typer.Exit(code=2)
 
 

@@ -73,6 +73,97 @@ class AlfworldOptions(Section):
         return self
 
 
+class TextWorldOptions(Section):
+    """TextWorld's generated games (the `textworld-coin`, `-treasure` and `-cooking` families).
+
+    A game is a pure function of its family's difficulty settings, its split and its index: raising a game count
+    adds games, changing a difficulty setting plays (and caches) another set of games.
+    """
+
+    coin_level: int = Field(5, ge=1, le=300, description="textworld-coin: 1-100 a chain of `level` rooms; 101-200 "
+                            "adds a dead end beside each room; 201-300 adds distractor rooms at random")
+    treasure_level: int = Field(5, ge=1, le=30, description="textworld-treasure: 1-10 five open rooms; 11-20 ten "
+                                "rooms with closed doors and containers; 21-30 twenty rooms with locked ones")
+    cooking_recipe: int = Field(1, ge=1, le=5, description="textworld-cooking: ingredients in the recipe")
+    cooking_take: int = Field(1, ge=0, le=5, description="ingredients to find (the rest start in the inventory)")
+    cooking_rooms: Literal[1, 6, 9, 12] = Field(1, description="rooms of the house")
+    cooking_open: bool = Field(True, description="containers and doors start closed")
+    cooking_cook: bool = Field(False, description="ingredients must be cooked (roast, fry or grill)")
+    cooking_cut: bool = Field(False, description="ingredients must be cut (slice, dice or chop)")
+    cooking_drop: bool = Field(False, description="the inventory holds only so much")
+    cooking_heldout_foods: Literal["unseen", "seen"] = Field(
+        "unseen", description="heldout cooking games use foods and preparations never trained on (TextWorld's test "
+        "distribution) or the training ones")
+    train_games: int = Field(1000, ge=1, le=1_000_000, description="games in the train split")
+    heldout_games: int = Field(100, ge=1, le=1_000_000, description="games in the heldout split")
+    games_dir: str | None = Field(None, description="cache of generated games; None = under DYPO_CACHE_DIR")
+    show_admissible_commands: bool = Field(False, description="append the admissible commands to every observation")
+
+    @model_validator(mode="after")
+    def _playable(self) -> TextWorldOptions:
+        if self.cooking_take > self.cooking_recipe:
+            raise ValueError(f"cooking_take ({self.cooking_take}) cannot exceed cooking_recipe "
+                             f"({self.cooking_recipe}): only recipe ingredients are fetched")
+        quest_length, distractors = (self.coin_level - 1) % 100 + 1, (self.coin_level - 1) // 100
+        if quest_length * (distractors + 1) > 100:
+            raise ValueError(f"coin_level {self.coin_level} needs {quest_length * (distractors + 1)} rooms; "
+                             "TextWorld 1.7 games hold at most 100 (use a level whose last two digits are <= 33)")
+        return self
+
+
+ScienceWorldTask = Literal[
+    "boil", "change-the-state-of-matter-of", "chemistry-mix", "chemistry-mix-paint-secondary-color",
+    "chemistry-mix-paint-tertiary-color", "find-animal", "find-living-thing", "find-non-living-thing", "find-plant",
+    "freeze", "grow-fruit", "grow-plant", "identify-life-stages-1", "identify-life-stages-2",
+    "inclined-plane-determine-angle", "inclined-plane-friction-named-surfaces",
+    "inclined-plane-friction-unnamed-surfaces", "lifespan-longest-lived", "lifespan-longest-lived-then-shortest-lived",
+    "lifespan-shortest-lived", "measure-melting-point-known-substance", "measure-melting-point-unknown-substance",
+    "melt", "mendelian-genetics-known-plant", "mendelian-genetics-unknown-plant", "power-component",
+    "power-component-renewable-vs-nonrenewable-energy", "test-conductivity",
+    "test-conductivity-of-unknown-substances", "use-thermometer",
+]
+ScienceWorldSimplification = Literal[
+    "easy", "teleportAction", "selfWateringFlowerPots", "openContainers", "openDoors", "noElectricalAction"]
+
+
+class ScienceWorldOptions(Section):
+    """ScienceWorld (the `scienceworld` family); splits train, heldout (its dev variations) and test."""
+
+    task_names: list[ScienceWorldTask] = Field(
+        default_factory=lambda: list(ScienceWorldTask.__args__), min_length=1, description="tasks played")
+    simplifications: list[ScienceWorldSimplification] = Field(
+        default_factory=list, description="ScienceWorld's simplifications; `easy` = all of them")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ScienceWorldOptions:
+        for name, values in (("task_names", self.task_names), ("simplifications", self.simplifications)):
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} lists an entry twice: {values}")
+        return self
+
+
+class WebShopOptions(Section):
+    """WebShop (the `webshop` family), played over HTTP against a WebShop server the user runs.
+
+    Goals are WebShop's shuffled goal list, split as WebShop's own baselines split it: the first `test_goals`
+    are the test split, the next `heldout_goals` the heldout split, the rest up to `goal_count` train.
+    """
+
+    url: str = Field("http://127.0.0.1:3000", description="base URL of the WebShop server (web_agent_site.app)")
+    goal_count: int = Field(12087, ge=3, description="goals the server holds (12087 with the full data)")
+    test_goals: int = Field(500, ge=1)
+    heldout_goals: int = Field(1000, ge=1)
+
+    @model_validator(mode="after")
+    def _splits_fit(self) -> WebShopOptions:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
+        if self.test_goals + self.heldout_goals >= self.goal_count:
+            raise ValueError(f"test_goals + heldout_goals ({self.test_goals + self.heldout_goals}) must be less than "
+                             f"goal_count ({self.goal_count}), leaving goals to train on")
+        return self
+
+
 class EnvConfig(Section):
     """Which game family to play and how; train and held-out tasks come from disjoint game folds.
 
@@ -90,6 +181,9 @@ class EnvConfig(Section):
     step_timeout_s: float = Field(30.0, gt=0, description="a step slower than this loses its episode")
     twx: TwxOptions = TwxOptions()
     alfworld: AlfworldOptions = AlfworldOptions()
+    textworld: TextWorldOptions = TextWorldOptions()
+    scienceworld: ScienceWorldOptions = ScienceWorldOptions()
+    webshop: WebShopOptions = WebShopOptions()
 
 
 class ModelConfig(Section):

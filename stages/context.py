@@ -71,7 +71,9 @@ def default_mlflow_uri() -> str:
 def resolve_config(config: Config) -> Config:
     """Fill what the config leaves to the environment, so run.json holds everything a stage needs."""
     mlflow_uri = config.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri()
-    return config.model_copy(update={"tracking": config.tracking.model_copy(update={"mlflow_uri": mlflow_uri})})
+    prompt = config.env.system_prompt or get_family(config.env).default_system_prompt  # recorded with the run
+    return config.model_copy(update={"tracking": config.tracking.model_copy(update={"mlflow_uri": mlflow_uri}),
+                                     "env": config.env.model_copy(update={"system_prompt": prompt})})
 
 
 def check_task_budget(config: Config) -> None:

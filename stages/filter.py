@@ -2,8 +2,9 @@
 
 Episodes are rejected first on their own (engine failure or timeout, over-generation: too many malformed turns or
 a runaway length), then whole groups: a group whose surviving returns are all equal has zero advantage everywhere
-and teaches nothing (kept, with zero advantage, only when `reject_zero_variance` is off, as plain GRPO does). Accepted groups are taken in draw order up to the target; `batch.parquet` keeps every episode
-with the reason it was kept or dropped, and its advantage when kept. When the batch is short, the flow draws an
+and teaches nothing (kept, with zero advantage, only when `reject_zero_variance` is off, as plain GRPO does).
+Accepted groups are taken in draw order up to the target; `batch.parquet` keeps every episode with the reason it
+was kept or dropped, and its advantage when kept. When the batch is short, the flow draws an
 auxiliary rollout and runs this stage again over all draws.
 """
 

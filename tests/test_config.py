@@ -114,7 +114,7 @@ def test_overrides_apply_last_with_yaml_values():
 
 
 def test_bad_presets_and_overrides_are_explained():
-    with pytest.raises(ConfigError, match="no preset 'ppo'.*dypo, grpo, dapo-style"):
+    with pytest.raises(ConfigError, match=r"no preset 'ppo'.*dypo, grpo, dapo-style"):
         load_config(CONFIGS / "tiny-cpu.yaml", ["ppo"])
     with pytest.raises(ConfigError, match="is not KEY=VALUE"):
         load_config(CONFIGS / "tiny-cpu.yaml", [], ["optimize.kl_coef"])
@@ -123,7 +123,7 @@ def test_bad_presets_and_overrides_are_explained():
 
 
 def test_history_window_needs_per_turn_samples():
-    with pytest.raises(ConfigError, match="history_window.*per_turn"):
+    with pytest.raises(ConfigError, match=r"history_window.*per_turn"):
         parse_config({"rollout": {"history_window": 2}})
     assert parse_config({"rollout": {"history_window": 2}, "optimize": {"sample_form": "per_turn"}})
 
@@ -133,3 +133,14 @@ def test_config_show_applies_presets_from_the_cli():
                                       "--preset", "grpo", "--set", "optimize.kl_coef=0.2"])
     assert result.exit_code == 0, result.output
     assert "kl_coef: 0.2" in result.output and "- grpo" in result.output
+
+
+def test_the_run_records_the_env_familys_prompt(tmp_path):
+    from dypo.stages.environments.families import get_family
+
+    config = load_config(CONFIGS / "tiny-cpu.yaml")
+    assert config.env.system_prompt is None
+    ctx = create_run(str(tmp_path / "run"), config.model_copy(update={"tracking": config.tracking.model_copy(
+        update={"mlflow_uri": f"sqlite:///{tmp_path}/m.db"})}))
+    recorded = ctx.store.read_json("run.json")["config"]["env"]["system_prompt"]
+    assert recorded == get_family(config.env).default_system_prompt and "<action>" in recorded

@@ -211,7 +211,8 @@ def test_greedy_is_temperature_zero_argmax(trained, tokenizer, pool):
             assert turn.sampling_logprob == 0.0
     # a nucleus so small that only the top token is in it samples greedily too
     tiny_nucleus = SamplingConfig(temperature=1.0, top_p=1e-6, max_new_tokens=24)
-    nucleus = play_episodes(trained, tokenizer, _specs(4), pool, tiny_nucleus, rules=_rules(2), batch_episodes=4, seed=3)
+    nucleus = play_episodes(trained, tokenizer, _specs(4), pool, tiny_nucleus, rules=_rules(2), batch_episodes=4,
+                            seed=3)
     assert _tokens(nucleus) == _tokens(first)
     assert all(turn.sampling_logprob == 0.0 for record in nucleus for turn in record.turns)
 

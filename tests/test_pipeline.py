@@ -24,7 +24,7 @@ from dypo.schemas.tables import BATCH, EPISODES, EVAL_METRICS, TRAIN_METRICS, TU
 from dypo.stages.commit import read_committed
 from dypo.stages.config import parse_config
 from dypo.stages.context import create_run, open_run
-from dypo.stages.optimize import load_sequences, sequence_logprobs, sampling_logprob_gap
+from dypo.stages.optimize import load_sequences, sampling_logprob_gap, sequence_logprobs
 from dypo.stages.policy import load_policy
 from dypo.stages.registry import run_stage
 
