@@ -28,7 +28,6 @@ from dypo.stages.environments.families import FAMILIES, family_availability
 from dypo.stages.trajectory import Task
 
 EPISODE_STEPS = 20  # a random episode is cut here, as max_turns would cut it
-WARM_UP_S = 0.5
 T = TypeVar("T")
 
 
@@ -50,8 +49,11 @@ def random_play(session: GameSession, tasks: Sequence[Task], noop: str, seconds:
 
 
 def measure(sessions: Sequence[GameSession], tasks: Sequence[Task], noop: str, seconds: float) -> float:
-    """Steps/s of random play in all `sessions` at once, one thread each (as the rollout engine drives them)."""
+    """Steps/s of random play in all `sessions` at once, one thread each (as the rollout engine drives them).
+
+    The time includes the resets between episodes, as a rollout's does."""
     counts = [0] * len(sessions)
+    started = time.perf_counter()
 
     def run(index: int) -> None:
         counts[index] = random_play(sessions[index], tasks, noop, seconds, seed=index)
@@ -61,16 +63,17 @@ def measure(sessions: Sequence[GameSession], tasks: Sequence[Task], noop: str, s
         thread.start()
     for thread in threads:
         thread.join()
-    return sum(counts) / seconds
+    return sum(counts) / (time.perf_counter() - started)
 
 
 def family_throughput(env: EnvConfig, seconds: float) -> dict[str, float]:
-    """Steps/s in this process, in one worker and in two workers, after a warm-up (a JVM compiles as it goes)."""
+    """Steps/s in this process, in one worker and in two workers, each after a warm-up of half the measuring
+    time (a JVM compiles the game's code as it goes)."""
     family = get_family(env)
     tasks = family.make_tasks("train", 50)
     session = family.open_session()
     try:
-        measure([session], tasks, family.noop_action, WARM_UP_S)
+        measure([session], tasks, family.noop_action, seconds / 2)
         in_process = measure([session], tasks, family.noop_action, seconds)
     finally:
         session.close()
@@ -78,7 +81,7 @@ def family_throughput(env: EnvConfig, seconds: float) -> dict[str, float]:
         started = time.perf_counter()
         workers = pool.sessions(2)
         start_s = time.perf_counter() - started
-        measure(workers, tasks, family.noop_action, WARM_UP_S)
+        measure(workers, tasks, family.noop_action, seconds / 2)
         one = measure(workers[:1], tasks, family.noop_action, seconds)
         two = measure(workers, tasks, family.noop_action, seconds)
     return {"in_process": in_process, "one": one, "two": two, "start_s": start_s}
@@ -180,7 +183,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short measurements, smaller rollout (under a minute)")
     args = parser.parse_args()
-    seconds = 1.0 if args.quick else 5.0
+    seconds = 0.5 if args.quick else 5.0
     from bench.common import load_note  # imports torch, so not at the top (see above)
 
     print(load_note())
@@ -197,8 +200,8 @@ def main() -> None:
               f"{rates['one'] / rates['in_process']:11.2f} {rates['two'] / rates['one']:7.2f} "
               f"{rates['start_s']:8.1f}s")
 
-    batch, groups = (8, 2) if args.quick else (32, 8)
-    result = rollout_env_share(batch, groups, expert_tasks=100)
+    batch, groups, expert_tasks = (8, 2, 50) if args.quick else (32, 8, 200)
+    result = rollout_env_share(batch, groups, expert_tasks)
     print(f"\nrollout on configs/tiny-cpu.yaml: batch {batch}, {result['episodes']} episodes, {result['turns']} "
           f"turns of {result['turn_tokens']} generated tokens, {result['env_calls']} env calls; {load_note()}")
     print(f"wall {result['wall_s']:.2f} s = env calls {result['env_s']:.2f} s + generation and the rest "

@@ -60,9 +60,9 @@ VARIANTS = ("packed", "trl")
 # --- the batch (parent process) ----------------------------------------------------------------------------------
 
 
-def rollout_batch(tasks: int, group_size: int, expert_tasks: int, sft_steps: int, seed: int) -> dict:
+def rollout_batch(tasks: int, group_size: int, seed: int) -> dict:
     """Episodes of the warm policy as training sequences with advantages and noisy old log-probs, as JSON data."""
-    policy = warm_policy(expert_tasks, sft_steps, seed)
+    policy = warm_policy(seed)
     config = policy.config
     specs = [EpisodeSpec(task, f"g{index}", f"g{index}-e{member}")
              for index, task in enumerate(get_family(config.env).make_tasks("train", tasks, start=700))
@@ -217,8 +217,7 @@ def main() -> None:
         return
 
     tasks, group_size, rounds, repeats = (2, 8, 1, 2) if args.quick else (6, 8, 2, 3)
-    expert_tasks, sft_steps = (60, 40) if args.quick else (120, 80)
-    data = rollout_batch(tasks, group_size, expert_tasks, sft_steps, args.seed)
+    data = rollout_batch(tasks, group_size, args.seed)
     lengths = [len(seq["input_ids"]) for seq in data["sequences"]]
     token_budget = args.token_budget or max(lengths)
     print(f"batch: {len(lengths)} episodes ({data['won']} won), {sum(lengths)} tokens, lengths {min(lengths)}-"

@@ -117,15 +117,14 @@ def sequential(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, specs
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer episodes and a shorter warm start (< 1 min idle)")
+    parser.add_argument("--quick", action="store_true", help="fewer episodes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see common.use_threads)")
     args = parser.parse_args()
     use_threads(args.threads)
     hf_logging.set_verbosity_error()  # generate() warns about generation-config defaults on every call
-    tasks, group_size, expert_tasks, sft_steps = (8, 2, 60, 40) if args.quick else (16, 4, 120, 80)
-
-    policy = warm_policy(expert_tasks, sft_steps, args.seed)
+    tasks, group_size = (4, 2) if args.quick else (8, 4)
+    policy = warm_policy(args.seed)
     config = policy.config
     rules = episode_rules(config)
     sampling = config.rollout.sampling
@@ -138,7 +137,8 @@ def main() -> None:
           f"max_turns={rules.max_turns}, batch_episodes={batch_episodes}", flush=True)
     model, tokenizer = policy.model, policy.tokenizer
     with EnvPool(config.env, batch_episodes) as pool:
-        batched(model, tokenizer, specs[:2], pool, sampling, rules, 2, args.seed)  # warm-up: workers, first calls
+        pool.sessions(batch_episodes)  # start every game worker (a JVM each) before the clocks run
+        batched(model, tokenizer, specs[:2], pool, sampling, rules, 2, args.seed)  # warm-up: first calls
         before = batched(model, tokenizer, specs, pool, sampling, rules, batch_episodes, args.seed)
         print(f"batched engine (1st run):  {before.describe()}", flush=True)
         one_by_one = sequential(model, tokenizer, specs, pool.sessions(1)[0], sampling, rules, args.seed)

@@ -172,7 +172,8 @@ class EnvConfig(Section):
 
     family: Literal[
         "twx-coin", "twx-cookingworld", "twx-twc", "twx-mapreader", "twx-sorting", "twx-arithmetic",
-        "alfworld", "alfworld-generated",
+        "alfworld", "alfworld-generated", "textworld-coin", "textworld-treasure", "textworld-cooking", "scienceworld",
+        "webshop",
     ] = "twx-coin"
     max_turns: int = Field(10, ge=1)
     max_observation_chars: int = Field(400, ge=16, description="observations are truncated to this length")
@@ -254,7 +255,8 @@ class OptimizeConfig(Section):
     ppo_epochs: int = Field(1, ge=1)
     mini_batch_size: int | None = Field(
         None, ge=1, description="samples (episodes, or turns with sample_form per_turn) per update; None = all")
-    micro_batch_episodes: int = Field(8, ge=1, description="episodes per forward pass (gradient accumulation)")
+    micro_batch_tokens: int = Field(
+        4096, ge=64, description="token budget of one packed forward pass (gradient accumulation over passes)")
     max_grad_norm: float = Field(1.0, gt=0)
     zero_stage: Literal[0, 1, 2] = 2
     sample_form: Literal["trajectory", "per_turn"] = Field(

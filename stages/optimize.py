@@ -22,56 +22,47 @@ import torch
 from dypo.schemas.tables import BATCH, TRAIN_METRICS, TURNS
 from dypo.stages.commit import StageOutcome, commit_stage, input_digest, read_stage_table, require_committed
 from dypo.stages.context import RunContext
-from dypo.stages.dypo_loss import dypo_loss, token_logprobs
+from dypo.stages.dypo_loss import dypo_loss
+from dypo.stages.packing import PackedBatch, packed_micro_batches, packed_token_logprobs
 from dypo.stages.policy import load_policy
-from dypo.stages.sequences import TrainingSequence, TurnTokens, collate, episode_sequence, micro_batches, turn_samples
+from dypo.stages.sequences import TrainingSequence, TurnTokens, episode_sequence, turn_samples
 from dypo.stages.trainer import DeepSpeedTrainer
 
 
 @dataclass(frozen=True)
 class PolicyMicroBatch:
-    sequences: list[TrainingSequence]
-    old_logprobs: list[torch.Tensor]  # per sequence, unpadded: log pi_old of every token
-    ref_logprobs: list[torch.Tensor] | None  # per sequence: log pi_ref (the frozen warmstart), only with a KL term
+    """One packed forward pass of an update, with pi_old (and pi_ref) laid out like its tokens."""
+
+    packed: PackedBatch
+    logp_old: torch.Tensor  # log pi_old of every packed token (the weights that played the rollout)
+    logp_ref: torch.Tensor | None  # log pi_ref (the frozen warmstart), only with a KL term
     kl_coef: float
-    pad_id: int
-    num_tokens_total: int  # generated tokens of the whole update (token-level mean over the batch)
+    num_tokens_total: int  # loss tokens of the whole update (token-level mean over the batch)
     eps_low: float
     eps_high: float
     temperature: float  # the rollout's sampling temperature: pi = softmax(logits / T)
 
 
-def _padded(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """Per-sequence token values laid out like a right-padded batch."""
-    padded = torch.zeros_like(like)
-    for row, values in enumerate(rows):
-        padded[row, :len(values)] = values
-    return padded
-
-
 def policy_loss(engine: torch.nn.Module, batch: PolicyMicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
-    tensors = collate(batch.sequences, batch.pad_id)
-    logp, entropy = token_logprobs(engine, tensors["input_ids"], tensors["attention_mask"], with_entropy=True,
-                                   temperature=batch.temperature)
-    logp_ref = None if batch.ref_logprobs is None else _padded(batch.ref_logprobs, tensors["advantages"])
-    loss, stats = dypo_loss(logp, _padded(batch.old_logprobs, tensors["advantages"]), tensors["advantages"],
-                            tensors["loss_mask"], batch.eps_low, batch.eps_high, batch.num_tokens_total,
-                            logp_ref=logp_ref, kl_coef=batch.kl_coef)
-    stats["entropy"] = (entropy * tensors["loss_mask"]).sum().item() / batch.num_tokens_total
+    packed = batch.packed
+    logp, entropy = packed_token_logprobs(engine, packed, batch.temperature, with_entropy=True)
+    loss, stats = dypo_loss(logp, batch.logp_old, packed.advantages, packed.loss_mask, batch.eps_low,
+                            batch.eps_high, batch.num_tokens_total, logp_ref=batch.logp_ref, kl_coef=batch.kl_coef)
+    stats["entropy"] = (entropy * packed.loss_mask).sum().item() / batch.num_tokens_total
     return loss, stats
 
 
 @torch.no_grad()
-def sequence_logprobs(model: torch.nn.Module, sequences: list[TrainingSequence], pad_id: int, chunk: int,
+def sequence_logprobs(model: torch.nn.Module, sequences: list[TrainingSequence], pad_id: int, token_budget: int,
                       temperature: float) -> list[torch.Tensor]:
     """log pi of every token of every sequence under a fixed model: pi_old (the weights that played the rollout,
     before any update) or pi_ref (the frozen warmstart policy of the KL ablation)."""
     model.eval()
-    result = []
-    for part in micro_batches(sequences, chunk):
-        tensors = collate(part, pad_id)
-        logp, _ = token_logprobs(model, tensors["input_ids"], tensors["attention_mask"], temperature=temperature)
-        result += [logp[row, :len(seq.input_ids)].clone() for row, seq in enumerate(part)]
+    result: list[torch.Tensor | None] = [None] * len(sequences)
+    for members, packed in packed_micro_batches(sequences, list(range(len(sequences))), token_budget, pad_id):
+        logp, _ = packed_token_logprobs(model, packed, temperature)
+        for index, values in zip(members, packed.unpack(logp), strict=True):
+            result[index] = values
     return result
 
 
@@ -114,7 +105,7 @@ def load_sequences(ctx: RunContext, batch: pa.Table, draw_dirs: list[str],
     return sequences, sampling_logprobs
 
 
-def reference_logprobs(ctx: RunContext, sequences: list[TrainingSequence], chunk: int,
+def reference_logprobs(ctx: RunContext, sequences: list[TrainingSequence], token_budget: int,
                        temperature: float) -> list[torch.Tensor]:
     """log pi_ref of every token under the frozen warmstart policy (the KL ablation).
 
@@ -123,7 +114,7 @@ def reference_logprobs(ctx: RunContext, sequences: list[TrainingSequence], chunk
     """
     reference, tokenizer = load_policy(ctx.checkpoint_dir(0))
     try:
-        return sequence_logprobs(reference, sequences, tokenizer.pad_token_id, chunk, temperature)
+        return sequence_logprobs(reference, sequences, tokenizer.pad_token_id, token_budget, temperature)
     finally:
         del reference
 
@@ -162,9 +153,9 @@ def optimize(ctx: RunContext, iteration: int, force: bool = False) -> StageOutco
             trainer.load_optimizer(ctx.local_copy(policy, "optimizer"))
         rows = []
         if sequences:
-            old = sequence_logprobs(trainer.model, sequences, tokenizer.pad_token_id, cfg.micro_batch_episodes,
+            old = sequence_logprobs(trainer.model, sequences, tokenizer.pad_token_id, cfg.micro_batch_tokens,
                                     temperature)
-            ref = None if reference is None else reference_logprobs(ctx, sequences, cfg.micro_batch_episodes,
+            ref = None if reference is None else reference_logprobs(ctx, sequences, cfg.micro_batch_tokens,
                                                                     temperature)
             if cfg.mask_observations:  # otherwise loss tokens include observations, which the sampler never drew
                 writer.metrics["sampling_logprob_gap"] = sampling_logprob_gap(sequences, old, sampling_logprobs)
@@ -176,11 +167,11 @@ def optimize(ctx: RunContext, iteration: int, force: bool = False) -> StageOutco
                 for start in range(0, len(indices), mini):
                     chosen = indices[start:start + mini]
                     total = sum(sequences[i].num_loss_tokens for i in chosen)
-                    chunks = [PolicyMicroBatch([sequences[i] for i in part], [old[i] for i in part],
-                                               None if ref is None else [ref[i] for i in part], cfg.kl_coef,
-                                               tokenizer.pad_token_id, total, cfg.eps_low, cfg.eps_high,
-                                               temperature)
-                              for part in micro_batches(chosen, cfg.micro_batch_episodes)]
+                    chunks = [PolicyMicroBatch(packed, packed.place([old[i] for i in part]),
+                                               None if ref is None else packed.place([ref[i] for i in part]),
+                                               cfg.kl_coef, total, cfg.eps_low, cfg.eps_high, temperature)
+                              for part, packed in packed_micro_batches(sequences, chosen, cfg.micro_batch_tokens,
+                                                                       tokenizer.pad_token_id)]
                     stats = trainer.update(chunks, policy_loss)
                     rows.append({"run": ctx.run_name, "iteration": iteration, "update": len(rows),
                                  "loss": stats["loss"], "clip_fraction": stats["clip_fraction"],

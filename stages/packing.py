@@ -166,3 +166,15 @@ def packed_token_logprobs(model: torch.nn.Module, packed: PackedBatch, temperatu
         return shift(logp), None
     entropy = normalizer - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # H = logsumexp(z) - E_p[z]
     return shift(logp), shift(entropy)
+
+
+def packed_micro_batches(sequences: Sequence[TrainingSequence], indices: Sequence[int], token_budget: int,
+                         pad_id: int) -> list[tuple[list[int], PackedBatch]]:
+    """The sequences `indices` packed into rows of `token_budget` tokens, one row per forward pass.
+
+    Returns each pass's members (indices into `sequences`) with its one-row batch: gradient accumulation over
+    these passes bounds activation memory by the budget, whatever the spread of sequence lengths.
+    """
+    rows = pack_rows([len(sequences[i].input_ids) for i in indices], token_budget)
+    return [([indices[k] for k in row], pack_sequences([sequences[indices[k]] for k in row], token_budget, pad_id))
+            for row in rows]

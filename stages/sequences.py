@@ -10,12 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 from torch import Tensor
-
-Item = TypeVar("Item")
 
 
 @dataclass(frozen=True)
@@ -97,14 +94,3 @@ def collate(seqs: Sequence[TrainingSequence], pad_id: int) -> dict[str, Tensor]:
     advantages = loss_mask * torch.tensor([seq.advantage for seq in seqs], dtype=torch.float32).unsqueeze(1)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
             "advantages": advantages}
-
-
-def micro_batches(items: Sequence[Item], size: int) -> list[list[Item]]:
-    """Consecutive chunks of `size` items (sequences, or indices into them) in the given order; the last may be shorter.
-
-    The order is the caller's (e.g. a seeded shuffle), so the same inputs always give the same micro-batches
-    and a re-run of the optimize stage accumulates gradients in the same order.
-    """
-    if size < 1:
-        raise ValueError(f"micro-batch size must be at least 1, got {size}")
-    return [list(items[start:start + size]) for start in range(0, len(items), size)]

@@ -21,11 +21,12 @@ from rich.progress import Progress
 from dypo.stages.commit import StageOutcome, commit_stage, input_digest
 from dypo.stages.context import RunContext
 from dypo.stages.conversation import expert_sequence
-from dypo.stages.dypo_loss import sft_loss, token_logprobs
+from dypo.stages.dypo_loss import sft_loss
 from dypo.stages.environments import EnvPool, ExpertTurn, get_family
 from dypo.stages.episodes import system_prompt
+from dypo.stages.packing import PackedBatch, packed_micro_batches, packed_token_logprobs
 from dypo.stages.policy import build_model, train_tokenizer
-from dypo.stages.sequences import TrainingSequence, collate, micro_batches
+from dypo.stages.sequences import TrainingSequence
 from dypo.stages.trainer import DeepSpeedTrainer
 from dypo.stages.turn_format import render_turn
 
@@ -34,13 +35,13 @@ _EXPERT_WORKERS = 2  # expert games are played in this many env workers at once
 
 @dataclass(frozen=True)
 class SupervisedMicroBatch:
-    tensors: dict[str, torch.Tensor]
+    packed: PackedBatch
     num_tokens_total: int  # loss tokens of the whole update, so micro-batch losses sum to the batch mean
 
 
 def supervised_loss(engine: torch.nn.Module, batch: SupervisedMicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
-    logp, _ = token_logprobs(engine, batch.tensors["input_ids"], batch.tensors["attention_mask"])
-    return sft_loss(logp, batch.tensors["loss_mask"], batch.num_tokens_total), {}
+    logp, _ = packed_token_logprobs(engine, batch.packed)
+    return sft_loss(logp, batch.packed.loss_mask, batch.num_tokens_total), {}
 
 
 def corpus(prompt: str, games: list[list[ExpertTurn]]) -> list[str]:
@@ -76,8 +77,8 @@ def warmstart(ctx: RunContext, iteration: int = 0, force: bool = False) -> Stage
             for _ in range(cfg.warmstart.steps):
                 batch = rng.sample(sequences, min(cfg.warmstart.batch_size, len(sequences)))
                 total = sum(seq.num_loss_tokens for seq in batch)
-                chunks = [SupervisedMicroBatch(collate(chunk, tokenizer.pad_token_id), total)
-                          for chunk in micro_batches(batch, cfg.optimize.micro_batch_episodes)]
+                chunks = [SupervisedMicroBatch(packed, total) for _, packed in packed_micro_batches(
+                    batch, range(len(batch)), cfg.optimize.micro_batch_tokens, tokenizer.pad_token_id)]
                 losses.append(trainer.update(chunks, supervised_loss)["loss"])
                 bar.update(progress, advance=1, description=f"warmstart: supervised steps (loss {losses[-1]:.3f})")
         with tempfile.TemporaryDirectory(dir=ctx.cache) as scratch:

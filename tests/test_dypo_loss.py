@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from dypo.stages.dypo_loss import dypo_loss, group_advantages, sft_loss, token_logprobs
-from dypo.stages.sequences import TrainingSequence, TurnTokens, collate, episode_sequence, micro_batches, turn_samples
+from dypo.stages.sequences import TrainingSequence, TurnTokens, collate, episode_sequence, turn_samples
 
 EPS_LOW, EPS_HIGH = 0.2, 0.28
 
@@ -242,8 +242,3 @@ def test_collate_right_pads_and_spreads_the_advantage_over_loss_tokens() -> None
         TrainingSequence([1, 2], [0], 0.0)
 
 
-def test_micro_batches_chunk_in_order() -> None:
-    seqs = [TrainingSequence([i, i], [0, 1], float(i)) for i in range(5)]
-    chunks = micro_batches(seqs, 2)
-    assert [[s.advantage for s in chunk] for chunk in chunks] == [[0.0, 1.0], [2.0, 3.0], [4.0]]
-    assert sum(s.num_loss_tokens for s in seqs) == 5

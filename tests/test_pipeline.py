@@ -38,7 +38,7 @@ MICRO = {
     # a target no single draw can reach, so every iteration exercises auxiliary resampling
     # keeps the barely trained policy's malformed episodes, so groups differ in return and optimize updates
     "filter": {"target_groups": 4, "max_extra_draws": 1, "max_malformed_fraction": 1.0},
-    "optimize": {"micro_batch_episodes": 3},
+    "optimize": {"micro_batch_tokens": 300},
     "evaluate": {"tasks": 4, "max_new_tokens": 20},
 }
 STAGES_OF_ITERATION = ["rollout", "rollout-aux-01", "filter", "optimize", "publish", "evaluate"]
@@ -221,7 +221,7 @@ def test_optimize_scores_exactly_what_the_rollout_sampled(local_run):
     batch = ctx.store.read_table(f"{filtered.directory}/batch.parquet", BATCH)
     sequences, sampled = load_sequences(ctx, batch, filtered.manifest.details["draw_stages"].split(","))
     model, tokenizer = load_policy(ctx.checkpoint_dir(0))
-    wrong = sequence_logprobs(model, sequences, tokenizer.pad_token_id, 4, temperature=1.0)
+    wrong = sequence_logprobs(model, sequences, tokenizer.pad_token_id, 4096, temperature=1.0)
     assert sampling_logprob_gap(sequences, wrong, sampled) > 0.01
 
 
@@ -234,7 +234,7 @@ def test_ablation_switches_run_through_rollout_filter_and_optimize(local_run, tm
                                        "reward": "shaped"},
                            "filter": {"target_groups": 2, "max_extra_draws": 0, "reject_zero_variance": False,
                                       "max_malformed_fraction": 1.0},
-                           "optimize": {"micro_batch_episodes": 3, "kl_coef": 0.04, "sample_form": "per_turn"}})
+                           "optimize": {"micro_batch_tokens": 300, "kl_coef": 0.04, "sample_form": "per_turn"}})
     ctx = create_run(str(tmp_path / "ablation"), config)
     for key in source.list_files("iter-000000/warmstart"):
         ctx.store.write_bytes(key, source.read_bytes(key))

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from dypo.stages.dypo_loss import sft_loss, token_logprobs
-from dypo.stages.sequences import TrainingSequence, collate, micro_batches
+from dypo.stages.sequences import TrainingSequence, collate
 from dypo.stages.trainer import DeepSpeedTrainer
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -64,7 +64,8 @@ def make_trainer(model_dir: Path, zero_stage: int, extensions_dir: Path) -> Deep
 
 def update(trainer: DeepSpeedTrainer, seqs: list[TrainingSequence], size: int = 2) -> dict[str, float]:
     total = sum(seq.num_loss_tokens for seq in seqs)
-    return trainer.update([collate(chunk, pad_id=0) for chunk in micro_batches(seqs, size)], sft(total))
+    chunks = [seqs[start:start + size] for start in range(0, len(seqs), size)]
+    return trainer.update([collate(chunk, pad_id=0) for chunk in chunks], sft(total))
 
 
 def weights(trainer: DeepSpeedTrainer) -> dict[str, torch.Tensor]:

@@ -23,6 +23,11 @@ FAMILIES: dict[str, str] = {
     "twx-arithmetic": "dypo.stages.environments.twx:ArithmeticFamily",
     "alfworld": "dypo.stages.environments.alfworld:OfficialFamily",
     "alfworld-generated": "dypo.stages.environments.alfworld:GeneratedFamily",
+    "textworld-coin": "dypo.stages.environments.textworld_games:CoinFamily",
+    "textworld-treasure": "dypo.stages.environments.textworld_games:TreasureFamily",
+    "textworld-cooking": "dypo.stages.environments.textworld_games:CookingFamily",
+    "scienceworld": "dypo.stages.environments.scienceworld:ScienceWorldFamily",
+    "webshop": "dypo.stages.environments.webshop:WebShopFamily",
 }
 
 

@@ -201,11 +201,6 @@ class TwxSession:
         self._done = False
 
     @property
-    def jvm_pid(self) -> int:
-        """The process id of this session's JVM (for memory accounting and crash diagnosis)."""
-        return self._twx._gateway.java_process.pid
-
-    @property
     def look(self) -> str:
         """TWX's full description of the room the agent is in now, uncompacted."""
         return self._info["look"]
