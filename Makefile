@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# CPU torch first, pinned exactly, so no dependency can pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# the venv's bin first on PATH: fast-downward-textworld (an ALFWorld dependency) builds by calling `python`
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
