@@ -80,7 +80,7 @@ class GameSpec:
 
     @property
     def settings_key(self) -> str:
-        """A directory name for the settings: "coin_collector-level5", "cooking-recipe2-take1-go6-open-cut-train"."""
+        """A directory name for the settings: "coin_collector-level5", "cooking-recipe2-take1-go6-open-splittrain"."""
         parts = [self.challenge.removeprefix("tw-")]
         for name, value in self.settings.items():
             if value is True:

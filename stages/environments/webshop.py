@@ -192,14 +192,13 @@ class WebShopSession:
 
     def _url(self, place: _Place) -> str:
         base, session = self.family.options.url.rstrip("/"), self._session_id
-        query, options = quote(place.query, safe=""), quote(repr(place.options), safe="")
+        query, options, asin = (quote(text, safe="") for text in (place.query, repr(place.options), place.asin))
         return {
             "start": f"{base}/{session}",
             "results": f"{base}/search_results/{session}/{query}/{place.page_number}",
-            "item": f"{base}/item_page/{session}/{place.asin}/{query}/{place.page_number}/{options}",
-            "sub_page": f"{base}/item_sub_page/{session}/{place.asin}/{query}/{place.page_number}/"
-                        f"{place.sub_page}/{options}",
-            "done": f"{base}/done/{session}/{place.asin}/{options}",
+            "item": f"{base}/item_page/{session}/{asin}/{query}/{place.page_number}/{options}",
+            "sub_page": f"{base}/item_sub_page/{session}/{asin}/{query}/{place.page_number}/{place.sub_page}/{options}",
+            "done": f"{base}/done/{session}/{asin}/{options}",
         }[place.kind]
 
     def _go(self, place: _Place) -> Page:
@@ -208,9 +207,9 @@ class WebShopSession:
             with urllib.request.urlopen(url, timeout=self.family.env.step_timeout_s) as response:
                 text = response.read().decode("utf-8", errors="replace")
         except urllib.error.HTTPError as error:
-            raise EnvError(f"the WebShop server answered {error.code} to {url}; does it hold goal "
-                           f"{self._task.seed if self._task else '?'} (env.webshop.goal_count = "
-                           f"{self.family.options.goal_count})?") from None
+            hint = (f"; does it hold goal {self._task.seed if self._task else '?'} (env.webshop.goal_count = "
+                    f"{self.family.options.goal_count})?" if place.kind == "start" else "")
+            raise EnvError(f"the WebShop server answered {error.code} to {url}{hint}") from None
         except (urllib.error.URLError, OSError) as error:
             raise EnvError(f"no answer from the WebShop server for {url}: {error}") from None
         page = parse_page(text)
