@@ -93,7 +93,7 @@ def use_threads(threads: int) -> None:
     """Set torch's intra-op threads. The default is one: the 2 cores here are shared with the game workers (and
     often with other jobs), and with more OpenMP threads than free cores every parallel op waits at a barrier
     for a descheduled thread; a batch-16 decode step of the tiny model measured 25 ms on one thread and 340 ms on
-    two under a load of 14. Both sides of a comparison run with the same setting."""
+    two under a load of 15. Both sides of a comparison run with the same setting."""
     torch.set_num_threads(threads)
 
 

@@ -1,28 +1,32 @@
 """The optimize stage's loss step, packed, against TRL's GRPO loss, on the same batch and the same model.
 
-The batch is real: episodes the briefly warm-started tiny-cpu policy (common.py) plays on TextWorldExpress coin
-with the config's sampling and rules, as one sequence per episode with observations masked and group-relative
-advantages from their returns. `log pi_old` is the policy's own log-prob plus seeded noise (sigma 0.3) on every
-token, so ratios spread and clip as in a later PPO epoch, and the loss depends on the log-probs each side
-computes; the two losses and entropy means must agree, which checks that both compute the same objective.
+The batches are real token sequences: episodes the warm-started tiny-cpu policy (common.py) plays on
+TextWorldExpress coin with the config's sampling and rules, one sequence per episode with observations masked and
+group-relative advantages from their returns (see `batches` for the "early" and "mixed" batch). `log pi_old` is
+the policy's own log-prob plus seeded noise (sigma 0.3), so ratios spread and clip as in a later PPO epoch and
+the loss depends on the log-probs each side computes: the two losses and entropy means must agree, which checks
+that both compute the same objective.
 
-- packed (ours): `pack_sequences` into rows of `--token-budget` tokens, `packed_token_logprobs` with entropy,
-  `dypo_loss`, backward.
-- TRL: a `GRPOTrainer` (trl 1.16) built around the same model, `loss_type="dapo"` (the token-level mean over the
-  batch, as ours), the same clip range and temperature, no KL; the batch in the layout its
+Both sides run one update's gradient accumulation over the whole batch with the same number of token slots per
+forward pass (`optimize.micro_batch_tokens`, or `--token-budget`):
+- packed (ours), as the optimize stage runs it: `packed_micro_batches` (one row of at most that many tokens per
+  pass), `packed_token_logprobs` with entropy, `dypo_loss` normalised by the batch's loss tokens, backward.
+- TRL: a `GRPOTrainer` (trl 1.16) around the same model, `loss_type="dapo"` (the token-level mean over the batch,
+  as ours), the same clip range and temperature, no KL; the batch in the layout its
   `_generate_and_score_completions` produces (prompt = the first turn's context, left-padded; completion = the
-  rest of the episode, right-padded, with `tool_mask` 0 on observation tokens, TRL's multi-turn masking) and
-  then `trainer.compute_loss(model, inputs)` and backward. That is TRL's whole loss path: its fused, chunked
-  LM head for log-probs and entropies (no full logits), its clipped surrogate and its metrics. Not measured on
-  either side: generation, rewards and the optimizer step.
+  rest of the episode, right-padded, with `tool_mask` 0 on observation tokens, TRL's multi-turn masking), cut
+  into micro-batches of as many episodes as fit the same slots, then `trainer.compute_loss(model, inputs)` and
+  backward per micro-batch. That is TRL's whole loss path: its fused, chunked LM head for log-probs and
+  entropies (no full logits), its clipped surrogate and its metrics. Not measured on either side: generation,
+  rewards, the optimizer step.
 
 Throughput is real (non-padding) tokens of the batch per second of loss step; both sides score the same tokens.
 Peak memory: torch's CPU allocations go through malloc, where tracemalloc does not see them, so each variant runs
 in a fresh process that reads its resident set from /proc: after setup (model, trainer, batch tensors) it returns
 free heap to the OS, notes its RSS, resets the kernel's high-water mark (/proc/self/clear_refs) and runs the first
 loss step; the step's peak is the high-water mark minus that RSS. This counts everything the step allocates
-(activations, logits, attention masks, gradients) and nothing that imports or setup left behind. Variants
-alternate over `--rounds`, so a change in the machine's load falls on both.
+(activations, logits, attention masks, gradients) and nothing that imports or setup left behind. Without --quick
+the variants alternate over two rounds, so a change in the machine's load falls on both.
 
     .venv/bin/python -m bench.optimize [--quick]
 """
@@ -43,11 +47,12 @@ from pathlib import Path
 import torch
 
 from bench.common import PROJECT, load_note, use_threads, warm_policy
+from dypo.stages.conversation import expert_sequence
 from dypo.stages.dypo_loss import dypo_loss, group_advantages, token_logprobs
 from dypo.stages.environments import EnvPool, get_family
-from dypo.stages.episodes import episode_return, episode_rules
+from dypo.stages.episodes import episode_return, episode_rules, system_prompt
 from dypo.stages.generation import play_episodes
-from dypo.stages.packing import pack_sequences, packed_token_logprobs
+from dypo.stages.packing import packed_micro_batches, packed_token_logprobs
 from dypo.stages.policy import load_policy
 from dypo.stages.sequences import TrainingSequence, TurnTokens, episode_sequence
 from dypo.stages.trajectory import EpisodeSpec
@@ -60,33 +65,52 @@ VARIANTS = ("packed", "trl")
 # --- the batch (parent process) ----------------------------------------------------------------------------------
 
 
-def rollout_batch(tasks: int, group_size: int, seed: int) -> dict:
-    """Episodes of the warm policy as training sequences with advantages and noisy old log-probs, as JSON data."""
+def batches(tasks: int, group_size: int, seed: int) -> dict[str, dict]:
+    """The two batches, as JSON data: sequences with group advantages and noisy old log-probs.
+
+    early: the warm policy's own episodes. Nearly all run the full max_turns, so lengths hardly vary and packing
+      has little padding to remove: this measures what packing costs when it cannot help.
+    mixed: the same groups with half of each group's episodes replaced by the family's expert playing the same
+      task (real winning games, 2-8 turns, tokenized exactly as a rollout would be). This is the length spread of
+      a group that has started to win, the kind of group DyPO's filter keeps.
+    """
     policy = warm_policy(seed)
     config = policy.config
+    family = get_family(config.env)
+    task_list = family.make_tasks("train", tasks, start=700)
     specs = [EpisodeSpec(task, f"g{index}", f"g{index}-e{member}")
-             for index, task in enumerate(get_family(config.env).make_tasks("train", tasks, start=700))
-             for member in range(group_size)]
+             for index, task in enumerate(task_list) for member in range(group_size)]
     batch_episodes = min(config.rollout.batch_episodes, len(specs))
     with EnvPool(config.env, batch_episodes) as pool:
         records = play_episodes(policy.model, policy.tokenizer, specs, pool, config.rollout.sampling,
                                 episode_rules(config), batch_episodes, seed)
-    advantages = group_advantages([episode_return(r, config.rollout) for r in records],
-                                  [r.spec.group_id for r in records], std_normalize=True, eps=1e-6)
-    sequences = [TrainingSequence(*episode_sequence([TurnTokens(t.context_token_ids, t.generated_token_ids)
-                                                     for t in record.turns]), advantage)
-                 for record, advantage in zip(records, advantages, strict=True)]
+        experts = pool.expert_episodes(task_list)
+    played = [(episode_sequence([TurnTokens(t.context_token_ids, t.generated_token_ids) for t in record.turns]),
+               episode_return(record, config.rollout), record.won) for record in records]
+    expert_played = [(expert_sequence(policy.tokenizer, system_prompt(config.env), turns), 1.0, True)
+                     for turns in experts]
+    mixed = [expert_played[index // group_size] if index % group_size < group_size // 2 else episode
+             for index, episode in enumerate(played)]
+    group_ids = [spec.group_id for spec in specs]
     temperature = config.rollout.sampling.temperature or 1.0
+    return {name: _batch_data(policy, episodes, group_ids, temperature, seed)
+            for name, episodes in (("early", played), ("mixed", mixed))}
+
+
+def _batch_data(policy, episodes: list[tuple[tuple[list[int], list[int]], float, bool]], group_ids: list[str],
+                temperature: float, seed: int) -> dict:
+    advantages = group_advantages([ret for _, ret, _ in episodes], group_ids, std_normalize=True, eps=1e-6)
     generator = torch.Generator().manual_seed(seed)
-    old = []
+    sequences, old = [], []
     with torch.no_grad():
-        for seq in sequences:
-            ids = torch.tensor([seq.input_ids])
-            logp, _ = token_logprobs(policy.model, ids, torch.ones_like(ids), temperature=temperature)
-            old.append((logp[0] + OLD_LOGPROB_NOISE * torch.randn(len(seq.input_ids), generator=generator)).tolist())
-    return {"policy": str(policy.directory), "temperature": temperature, "won": sum(r.won for r in records),
-            "sequences": [{"input_ids": s.input_ids, "loss_mask": s.loss_mask, "advantage": s.advantage}
-                          for s in sequences], "old_logprobs": old}
+        for ((ids, loss_mask), _, _), advantage in zip(episodes, advantages, strict=True):
+            sequences.append({"input_ids": ids, "loss_mask": loss_mask, "advantage": advantage})
+            tensor = torch.tensor([ids])
+            logp, _ = token_logprobs(policy.model, tensor, torch.ones_like(tensor), temperature=temperature)
+            old.append((logp[0] + OLD_LOGPROB_NOISE * torch.randn(len(ids), generator=generator)).tolist())
+    return {"policy": str(policy.directory), "temperature": temperature, "won": sum(won for _, _, won in episodes),
+            "micro_batch_tokens": policy.config.optimize.micro_batch_tokens,
+            "sequences": sequences, "old_logprobs": old}
 
 
 # --- the two loss steps (child process) --------------------------------------------------------------------------
@@ -94,17 +118,28 @@ def rollout_batch(tasks: int, group_size: int, seed: int) -> dict:
 
 def packed_step(model: torch.nn.Module, sequences: list[TrainingSequence], old: list[torch.Tensor],
                 token_budget: int, pad_id: int, temperature: float) -> dict[str, float]:
-    packed = pack_sequences(sequences, token_budget, pad_id)
-    total = packed.num_loss_tokens
-    logp, entropy = packed_token_logprobs(model, packed, temperature, with_entropy=True)
-    loss, _ = dypo_loss(logp, packed.place(old), packed.advantages, packed.loss_mask, EPS_LOW, EPS_HIGH, total)
-    loss.backward()
-    return {"loss": loss.item(), "entropy": (entropy * packed.loss_mask).sum().item() / total,
-            "rows": packed.input_ids.shape[0], "width": packed.input_ids.shape[1]}
+    """The optimize stage's update: one packed row of at most `token_budget` tokens per forward pass
+    (`packed_micro_batches`), gradients accumulated, each pass's loss normalised by the batch's loss tokens."""
+    total = sum(seq.num_loss_tokens for seq in sequences)
+    passes = packed_micro_batches(sequences, list(range(len(sequences))), token_budget, pad_id)
+    loss_sum = entropy_sum = 0.0
+    for members, packed in passes:
+        logp, entropy = packed_token_logprobs(model, packed, temperature, with_entropy=True)
+        loss, _ = dypo_loss(logp, packed.place([old[i] for i in members]), packed.advantages, packed.loss_mask,
+                            EPS_LOW, EPS_HIGH, total)
+        loss.backward()
+        loss_sum += loss.item()
+        entropy_sum += (entropy * packed.loss_mask).sum().item()
+    return {"loss": loss_sum, "entropy": entropy_sum / total, "passes": len(passes),
+            "slots": sum(packed.input_ids.numel() for _, packed in passes)}
 
 
-def trl_inputs(sequences: list[TrainingSequence], old: list[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
-    """The batch as GRPOTrainer's generation step lays it out: prompt left-padded, completion right-padded."""
+def trl_passes(sequences: list[TrainingSequence], old: list[torch.Tensor], pad_id: int,
+               token_budget: int) -> list[dict[str, torch.Tensor]]:
+    """The batch as GRPOTrainer's generation step lays it out (prompt left-padded, completion right-padded, both
+    to the batch's longest), cut into micro-batches of as many episodes as fit `token_budget` padded tokens, so
+    neither side's forward pass holds more token slots than the other's. Every micro-batch carries the batch's
+    loss-token count, so with one accumulation step per generation its loss is its share of the batch mean."""
     from trl.trainer.utils import pad
 
     prompts, completions, tool_masks, old_completion = [], [], [], []
@@ -114,18 +149,20 @@ def trl_inputs(sequences: list[TrainingSequence], old: list[torch.Tensor], pad_i
         completions.append(torch.tensor(seq.input_ids[start:]))
         tool_masks.append(torch.tensor(seq.loss_mask[start:]))
         old_completion.append(logp[start:])
-    ones = [torch.ones_like(ids) for ids in prompts], [torch.ones_like(ids) for ids in completions]
     tool_mask = pad(tool_masks, padding_value=0, padding_side="right")
-    return {
+    batch = {
         "prompt_ids": pad(prompts, padding_value=pad_id, padding_side="left"),
-        "prompt_mask": pad(ones[0], padding_value=0, padding_side="left"),
+        "prompt_mask": pad([torch.ones_like(ids) for ids in prompts], padding_value=0, padding_side="left"),
         "completion_ids": pad(completions, padding_value=pad_id, padding_side="right"),
-        "completion_mask": pad(ones[1], padding_value=0, padding_side="right"),
+        "completion_mask": pad([torch.ones_like(ids) for ids in completions], padding_value=0, padding_side="right"),
         "tool_mask": tool_mask,
         "advantages": torch.tensor([seq.advantage for seq in sequences]),
         "old_per_token_logps": pad(old_completion, padding_value=0.0, padding_side="right"),
-        "num_items_in_batch": tool_mask.sum(),
     }
+    width = batch["prompt_ids"].shape[1] + batch["completion_ids"].shape[1]
+    per_pass = max(1, token_budget // width)
+    return [{**{key: value[start:start + per_pass] for key, value in batch.items()},
+             "num_items_in_batch": tool_mask.sum()} for start in range(0, len(sequences), per_pass)]
 
 
 def trl_trainer(model: torch.nn.Module, tokenizer, temperature: float, batch_size: int, scratch: Path):
@@ -142,6 +179,19 @@ def trl_trainer(model: torch.nn.Module, tokenizer, temperature: float, batch_siz
                           processing_class=tokenizer)
     trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
     return trainer
+
+
+def trl_step(trainer, model: torch.nn.Module, passes: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    loss_sum = entropy_sum = 0.0
+    for inputs in passes:
+        loss = trainer.compute_loss(model, inputs)
+        loss.backward()
+        loss_sum += loss.item()
+        # TRL logs each micro-batch's masked mean entropy; weight it back into the batch mean
+        entropy_sum += trainer._metrics["train"]["entropy"][-1] * inputs["tool_mask"].sum()
+    total = passes[0]["num_items_in_batch"]
+    return {"loss": loss_sum, "entropy": float(entropy_sum / total), "passes": len(passes),
+            "slots": sum(p["prompt_ids"].numel() + p["completion_ids"].numel() for p in passes)}
 
 
 def _status_kib(field: str) -> int:
@@ -161,14 +211,10 @@ def run_variant(variant: str, batch_file: Path, token_budget: int, repeats: int)
                 return packed_step(model, sequences, old, token_budget, tokenizer.pad_token_id, temperature)
         else:
             trainer = trl_trainer(model, tokenizer, temperature, len(sequences), Path(scratch))
-            inputs = trl_inputs(sequences, old, tokenizer.pad_token_id)
+            passes = trl_passes(sequences, old, tokenizer.pad_token_id, token_budget)
 
             def step() -> dict[str, float]:
-                loss = trainer.compute_loss(model, inputs)
-                loss.backward()
-                return {"loss": loss.item(), "entropy": trainer._metrics["train"]["entropy"][-1],
-                        "rows": inputs["prompt_ids"].shape[0],
-                        "width": inputs["prompt_ids"].shape[1] + inputs["completion_ids"].shape[1]}
+                return trl_step(trainer, model, passes)
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         before = _status_kib("VmRSS")
@@ -204,7 +250,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smaller batch, one round (< 1 min idle)")
     parser.add_argument("--token-budget", type=int, default=None,
-                        help="tokens per packed row; default: the longest episode of the batch")
+                        help="token slots per forward pass on both sides; default: optimize.micro_batch_tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see common.use_threads)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -216,12 +262,22 @@ def main() -> None:
         print(json.dumps(run_variant(args.child, args.batch, args.token_budget, args.repeats)))
         return
 
-    tasks, group_size, rounds, repeats = (2, 8, 1, 2) if args.quick else (6, 8, 2, 3)
-    data = rollout_batch(tasks, group_size, args.seed)
+    tasks, group_size = (2, 8) if args.quick else (6, 8)
+    summaries = {name: compare(name, data, args) for name, data in batches(tasks, group_size, args.seed).items()}
+    print(f"{load_note()}; torch threads {torch.get_num_threads()}")
+    print(f"optimize_speedup_early: {summaries['early'][0]:.2f}")
+    print(f"optimize_memory_ratio: {summaries['mixed'][1]:.2f}")
+    print(f"optimize_speedup: {summaries['mixed'][0]:.2f}")
+
+
+def compare(name: str, data: dict, args: argparse.Namespace) -> tuple[float, float]:
+    """Run both variants on one batch, alternating over the rounds; (speedup, memory ratio) of packed over TRL."""
+    rounds, repeats = (1, 2) if args.quick else (2, 3)
     lengths = [len(seq["input_ids"]) for seq in data["sequences"]]
-    token_budget = args.token_budget or max(lengths)
-    print(f"batch: {len(lengths)} episodes ({data['won']} won), {sum(lengths)} tokens, lengths {min(lengths)}-"
-          f"{max(lengths)} (mean {statistics.mean(lengths):.0f}); token budget {token_budget}", flush=True)
+    token_budget = args.token_budget or data["micro_batch_tokens"]
+    print(f"{name} batch: {len(lengths)} episodes ({data['won']} won), {sum(lengths)} tokens, lengths "
+          f"{min(lengths)}-{max(lengths)} (mean {statistics.mean(lengths):.0f}); token budget {token_budget}",
+          flush=True)
     runs: dict[str, list[dict[str, float]]] = {variant: [] for variant in VARIANTS}
     with tempfile.TemporaryDirectory() as scratch:
         batch_file = Path(scratch) / "batch.json"
@@ -235,17 +291,17 @@ def main() -> None:
         tokens_per_s = statistics.mean(r["tokens"] / r["seconds"] for r in results)
         peak = statistics.median(r["peak_mib"] for r in results)
         summary[variant] = (tokens_per_s, peak)
-        slots = first["rows"] * first["width"] / first["tokens"]
-        print(f"{variant:>6}: {tokens_per_s:8.0f} tokens/s, peak {peak:7.1f} MiB over the step; "
-              f"[{first['rows']:.0f} x {first['width']:.0f}] tensors ({slots:.2f} slots per real token), "
-              f"loss {first['loss']:.6f}, entropy {first['entropy']:.4f}", flush=True)
+        print(f"  {variant:>6}: {tokens_per_s:6.0f} tokens/s, peak {peak:7.1f} MiB over the step; "
+              f"{first['passes']:.0f} forward passes, {first['slots'] / first['tokens']:.2f} token slots per real "
+              f"token, loss {first['loss']:.6f}, entropy {first['entropy']:.4f}", flush=True)
     ours, theirs = runs["packed"][0], runs["trl"][0]
     if abs(ours["loss"] - theirs["loss"]) > 1e-4 * max(1.0, abs(theirs["loss"])):
         raise SystemExit(f"the losses differ ({ours['loss']} vs {theirs['loss']}): the two sides do not compute the "
                          "same objective, so their speeds are not comparable")
-    print(f"{load_note()}; torch threads {torch.get_num_threads()}")
-    print(f"optimize_memory_ratio: {summary['packed'][1] / summary['trl'][1]:.2f}")
-    print(f"optimize_speedup: {summary['packed'][0] / summary['trl'][0]:.2f}")
+    speedup = summary["packed"][0] / summary["trl"][0]
+    memory = summary["packed"][1] / summary["trl"][1]
+    print(f"  {name}: speedup {speedup:.2f}, memory ratio {memory:.2f}", flush=True)
+    return speedup, memory
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""Padding-free packing: training sequences laid end to end in rows of a token budget, scored in one forward.
+"""Padding-free packing: training sequences laid end to end in rows, scored without attending across them.
 
 Right-padding a batch to its longest sequence spends compute on padding in proportion to the spread of lengths,
-and episode lengths spread widely (a won-in-two episode next to a ten-turn one). Packing instead fills rows of
-about `token_budget` tokens with whole sequences (first-fit decreasing), so a forward pass costs what the real
-tokens cost, up to the last row's tail.
+and episode lengths spread widely (a won-in-two episode next to a ten-turn one). Packing instead fills rows with
+whole sequences (first-fit decreasing), so a forward pass costs what the real tokens cost, up to the rows'
+tails; `packed_micro_batches` cuts an update into forward passes of a token budget (see there for the row width),
+and `packed_token_logprobs` scores only the tokens the loss reads.
 
 Sequences in a row must not see each other. transformers' Qwen2 does this natively from `position_ids`: when no
 attention mask and no cache is given, a position that does not continue its predecessor's (here: a restart at 0)
@@ -112,7 +113,11 @@ def pack_sequences(sequences: Sequence[TrainingSequence], token_budget: int, pad
     """Pack `sequences` into rows of about `token_budget` tokens (see `pack_rows`)."""
     if not sequences:
         raise ValueError("nothing to pack: the batch has no sequences")
-    rows = pack_rows([len(seq.input_ids) for seq in sequences], token_budget)
+    return _lay_out(sequences, pack_rows([len(seq.input_ids) for seq in sequences], token_budget), pad_id)
+
+
+def _lay_out(sequences: Sequence[TrainingSequence], rows: Sequence[Sequence[int]], pad_id: int) -> PackedBatch:
+    """The tensors of `sequences` placed in `rows` (indices into `sequences`), each row in the given order."""
     width = max(sum(len(sequences[i].input_ids) for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -138,11 +143,15 @@ def pack_sequences(sequences: Sequence[TrainingSequence], token_budget: int, pad
 
 def packed_token_logprobs(model: torch.nn.Module, packed: PackedBatch, temperature: float = 1.0,
                           with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-    """log pi of every packed token given its own sequence's prefix, [rows, width] like `packed.input_ids`.
+    """log pi of every loss token given its own sequence's prefix, [rows, width] like `packed.input_ids`.
 
-    Aligned as `dypo_loss.token_logprobs` aligns a padded batch: the first token of every sequence (no prefix)
-    and the padding get 0; with `with_entropy`, the entropy of each token's distribution likewise (else None).
-    `temperature` scales the logits as the sampler did. `model` may be a DeepSpeed engine wrapping the policy.
+    Only tokens with `loss_mask` set are scored; every other token gets 0, as the first token of a sequence does
+    in `dypo_loss.token_logprobs` (same alignment otherwise). Everything downstream reads loss tokens only (the
+    clipped loss, SFT, pi_old, pi_ref and the sampling-gap audit), and prompts and observations are most of a
+    multi-turn episode, so the LM head and the vocabulary-wide softmax run on the generated tokens alone: with
+    Qwen2.5's 152k vocabulary in fp32, the logits of one token take 600 KB. With `with_entropy`, the entropy of
+    each scored token's distribution likewise (else None). `temperature` scales the logits as the sampler did.
+    `model` may be a DeepSpeed engine wrapping the policy.
     """
     policy = getattr(model, "module", model)  # a DeepSpeed engine's own `config` is DeepSpeed's, not the model's
     implementation = policy.config._attn_implementation
@@ -151,30 +160,52 @@ def packed_token_logprobs(model: torch.nn.Module, packed: PackedBatch, temperatu
                          f"multi-row batch ({', '.join(PACKING_ATTENTION)}); this model uses {implementation!r}. "
                          "Load the policy with attn_implementation='sdpa'.")
     # No attention mask and no cache: that is what makes Qwen2 derive per-sequence attention from position ids.
-    logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits
-    logits = logits[:, :-1].float() / temperature  # position t predicts token t + 1
+    # `logits_to_keep` selecting no position skips the LM head; the last hidden state is the normed one it reads.
+    output = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                   output_hidden_states=True, logits_to_keep=torch.empty(0, dtype=torch.long))
+    # position t predicts token t + 1, which is scored iff it is a loss token with a prefix in its own sequence
+    scored = packed.loss_mask[:, 1:] & (packed.position_ids[:, 1:] > 0)
+    hidden = output.hidden_states[-1][:, :-1][scored]
+    logits = policy.get_output_embeddings()(hidden).float() / temperature
     normalizer = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, packed.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1) - normalizer
-    # a token is scored iff it continues a real sequence: not a sequence's first token, not padding
-    scored = ((packed.position_ids > 0) & (packed.sequence_index >= 0))[:, 1:]
+    logp = logits.gather(-1, packed.input_ids[:, 1:][scored].unsqueeze(-1)).squeeze(-1) - normalizer
 
-    def shift(values: Tensor) -> Tensor:
-        values = torch.where(scored, values, 0.0)
-        return torch.cat([values.new_zeros(values.shape[0], 1), values], dim=1)
+    def aligned(values: Tensor) -> Tensor:
+        laid_out = values.new_zeros(scored.shape).masked_scatter(scored, values)
+        return torch.cat([values.new_zeros(scored.shape[0], 1), laid_out], dim=1)
 
     if not with_entropy:
-        return shift(logp), None
+        return aligned(logp), None
     entropy = normalizer - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # H = logsumexp(z) - E_p[z]
-    return shift(logp), shift(entropy)
+    return aligned(logp), aligned(entropy)
 
 
 def packed_micro_batches(sequences: Sequence[TrainingSequence], indices: Sequence[int], token_budget: int,
                          pad_id: int) -> list[tuple[list[int], PackedBatch]]:
-    """The sequences `indices` packed into rows of `token_budget` tokens, one row per forward pass.
+    """The sequences `indices` packed for gradient accumulation: forward passes of at most `token_budget` slots.
 
-    Returns each pass's members (indices into `sequences`) with its one-row batch: gradient accumulation over
-    these passes bounds activation memory by the budget, whatever the spread of sequence lengths.
+    Rows are as wide as the longest of these sequences, and each pass holds as many rows as fit the budget (at
+    least one). The row width is that, not the budget, because sdpa and eager attention on CPU compute a row's
+    whole width x width score matrix, masked parts included: one 4096-token row of four 1000-token episodes
+    costs about four times the attention of four 1000-token rows. Rows as wide as the longest sequence keep
+    that cost at what padding to the longest would cost per row, while packing the short sequences together
+    removes the padding and the rows it would fill.
+
+    Returns each pass's members (indices into `sequences`) with its packed batch: activation memory is bounded by
+    the budget (or by the longest sequence, when that alone exceeds it).
     """
-    rows = pack_rows([len(sequences[i].input_ids) for i in indices], token_budget)
-    return [([indices[k] for k in row], pack_sequences([sequences[indices[k]] for k in row], token_budget, pad_id))
-            for row in rows]
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be at least 1, got {token_budget}")
+    lengths = [len(sequences[i].input_ids) for i in indices]
+    if not lengths:
+        raise ValueError("nothing to pack: no sequences were chosen")
+    width = max(lengths)
+    rows = pack_rows(lengths, width)
+    rows_per_pass = max(1, token_budget // width)
+    passes = []
+    for chunk in (rows[start:start + rows_per_pass] for start in range(0, len(rows), rows_per_pass)):
+        order = [k for row in chunk for k in row]  # positions in `indices`, in packed order
+        local = {k: position for position, k in enumerate(order)}
+        packed = _lay_out([sequences[indices[k]] for k in order], [[local[k] for k in row] for row in chunk], pad_id)
+        passes.append(([indices[k] for k in order], packed))
+    return passes

@@ -16,7 +16,13 @@ from hypothesis import strategies as st
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from dypo.stages.dypo_loss import dypo_loss, token_logprobs
-from dypo.stages.packing import PACKING_ATTENTION, pack_rows, pack_sequences, packed_token_logprobs
+from dypo.stages.packing import (
+    PACKING_ATTENTION,
+    pack_rows,
+    pack_sequences,
+    packed_micro_batches,
+    packed_token_logprobs,
+)
 from dypo.stages.sequences import TrainingSequence, collate
 from dypo.stages.trainer import DeepSpeedTrainer
 
@@ -33,13 +39,15 @@ def tiny_model(attn_implementation: str = "sdpa") -> Qwen2ForCausalLM:
 
 
 def make_sequences(lengths: list[int], seed: int = 0) -> list[TrainingSequence]:
-    """Random token ids; the first third of each sequence is prompt, the rest generated; advantages vary."""
+    """Random token ids laid out like episodes: the first third prompt, then turns of 5 generated tokens and
+    3 observation tokens; advantages vary in sign and size."""
     generator = torch.Generator().manual_seed(seed)
     sequences = []
     for index, length in enumerate(lengths):
         ids = torch.randint(1, VOCAB, (length,), generator=generator).tolist()
         prompt = max(1, length // 3)
-        sequences.append(TrainingSequence(ids, [0] * prompt + [1] * (length - prompt), (-1) ** index * (index + 1)))
+        loss_mask = [int(i >= prompt and (i - prompt) % 8 < 5) for i in range(length)]
+        sequences.append(TrainingSequence(ids, loss_mask, (-1) ** index * (index + 1)))
     return sequences
 
 
@@ -60,11 +68,12 @@ def test_packed_logprobs_equal_one_unpadded_forward_per_sequence(attn_implementa
             ids = torch.tensor([seq.input_ids])
             want_logp, want_entropy = token_logprobs(model, ids, torch.ones_like(ids), with_entropy=True,
                                                      temperature=0.7)
-            torch.testing.assert_close(got_logp, want_logp[0], rtol=0, atol=ATOL)
-            torch.testing.assert_close(got_entropy, want_entropy[0], rtol=0, atol=ATOL)
-            assert got_logp[0] == 0 and got_entropy[0] == 0
-    padding = packed.sequence_index < 0
-    assert padding.any() and (logp[padding] == 0).all() and (entropy[padding] == 0).all()
+            loss_tokens = torch.tensor(seq.loss_mask, dtype=torch.bool)
+            torch.testing.assert_close(got_logp[loss_tokens], want_logp[0, loss_tokens], rtol=0, atol=ATOL)
+            torch.testing.assert_close(got_entropy[loss_tokens], want_entropy[0, loss_tokens], rtol=0, atol=ATOL)
+            assert (got_logp[~loss_tokens] == 0).all() and (got_entropy[~loss_tokens] == 0).all()
+    assert (logp[~packed.loss_mask] == 0).all() and (entropy[~packed.loss_mask] == 0).all()
+    assert (logp[packed.loss_mask] < 0).all() and (entropy[packed.loss_mask] > 0).all()
     assert packed_token_logprobs(model, packed)[1] is None
 
 
@@ -163,6 +172,26 @@ def test_place_and_unpack_are_inverse_and_check_shapes() -> None:
         packed.place(values[:2])
     with pytest.raises(ValueError, match="sequence 1 has 7 tokens"):
         packed.place([values[0], values[1][:3], values[2]])
+
+
+def test_micro_batches_pack_rows_as_wide_as_the_longest_sequence_into_the_budget() -> None:
+    sequences = make_sequences(LENGTHS)
+    chosen = [8, 0, 3, 5, 1, 6, 7, 2]  # lengths 120, 3, 40, 12, 150, 64, 2, 1: rows of at most 150 tokens
+    batches = packed_micro_batches(sequences, chosen, 320, PAD)
+    assert sorted(index for members, _ in batches for index in members) == sorted(chosen)
+    # rows 150 | 120+12+3+2+1 | 64+40: two rows fit 320 slots; the last pass is as wide as its own row
+    assert [packed.input_ids.shape for _, packed in batches] == [(2, 150), (1, 104)]
+    for members, packed in batches:
+        assert packed.input_ids.numel() <= 320
+        for index, ids in zip(members, packed.unpack(packed.input_ids), strict=True):
+            assert ids.tolist() == sequences[index].input_ids
+    # a budget below the longest sequence still runs it, one row per pass
+    one_row_each = packed_micro_batches(sequences, chosen, 100, PAD)
+    assert [packed.input_ids.shape for _, packed in one_row_each] == [(1, 150), (1, 138), (1, 104)]
+    with pytest.raises(ValueError, match="no sequences were chosen"):
+        packed_micro_batches(sequences, [], 100, PAD)
+    with pytest.raises(ValueError, match="token_budget must be at least 1"):
+        packed_micro_batches(sequences, chosen, 0, PAD)
 
 
 @pytest.mark.parametrize(("lengths", "budget", "message"), [
