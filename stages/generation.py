@@ -30,11 +30,12 @@ from itertools import repeat
 
 import numpy as np
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dypo.stages.config import SamplingConfig
 from dypo.stages.conversation import observation_ids, prompt_ids
 from dypo.stages.environments import EnvError, EnvPool, GameSession
+from dypo.stages.kv_cache import compact_columns, grouped_query_sdpa, growing_cache, put_rows, take_rows
 from dypo.stages.policy import stop_token_ids
 from dypo.stages.trajectory import EpisodeRecord, EpisodeSpec, TurnRecord
 from dypo.stages.turn_format import MalformedReason, parse_turn
@@ -109,12 +110,12 @@ class _BatchContext:
 
     Rows of different lengths leave holes (attention mask 0) wherever one row is padded or waits for another;
     position ids count only real tokens, so every token gets the position (hence the log-probs) it has in the
-    unpadded sequence the optimize stage scores.
+    unpadded sequence the optimize stage scores. Between turns the holes are squeezed out (see kv_cache.py).
     """
 
     def __init__(self, model: PreTrainedModel, rows: int) -> None:
         self.model = model
-        self.cache = DynamicCache(config=model.config)
+        self.cache = growing_cache()
         self.attention_mask = torch.zeros((rows, 0), dtype=torch.long)
         self.next_position = torch.zeros(rows, dtype=torch.long)
 
@@ -122,6 +123,31 @@ class _BatchContext:
         """Drop every row not in `rows` (episodes that ended)."""
         self.cache.batch_select_indices(rows)
         self.attention_mask, self.next_position = self.attention_mask[rows], self.next_position[rows]
+
+    def take(self, rows: torch.Tensor) -> _BatchContext:
+        """The rows `rows` as a batch of their own (copies), so rows that stopped generating stop costing compute;
+        `put` merges what the taken rows appended back."""
+        taken = _BatchContext(self.model, len(rows))
+        taken.cache = take_rows(self.cache, rows)
+        taken.attention_mask, taken.next_position = self.attention_mask[rows], self.next_position[rows]
+        return taken
+
+    def put(self, rows: torch.Tensor, taken: _BatchContext) -> None:
+        """Merge `taken` (from `take(rows)`) back: the batch widens to its columns, holes in the other rows."""
+        put_rows(self.cache, rows, taken.cache)
+        grown = taken.attention_mask.shape[1] - self.attention_mask.shape[1]
+        self.attention_mask = torch.nn.functional.pad(self.attention_mask, (0, grown))
+        self.attention_mask[rows] = taken.attention_mask
+        self.next_position[rows] = taken.next_position
+
+    def compact(self) -> None:
+        """Close the holes the last turn left, so attention reads only cached tokens and the narrowest padding."""
+        if self.attention_mask.shape[1] == 0:
+            return
+        columns = compact_columns(self.attention_mask)
+        for layer in self.cache.layers:
+            layer.gather_columns(columns)
+        self.attention_mask = self.attention_mask.gather(1, columns)
 
     def feed(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Append a [rows, width] block (mask 0 = hole) and return each row's next-token logits.
@@ -148,17 +174,21 @@ def _generate_turn(
     """Feed each row its new chunk, then sample one turn per row.
 
     A row's last sampled token (its stop token, or the last one the budget allowed) is not fed here: it opens
-    the row's next chunk. That keeps one rule for every way a turn ends. Rows that stopped wait as holes
-    while the others finish.
+    the row's next chunk. That keeps one rule for every way a turn ends. Turn lengths vary (a valid turn stops
+    after about 20 tokens, a rambling one runs to the budget), so once half the decoding rows have stopped, the
+    rest decode as a batch of their own (`take`), merged back when the turn ends; copying the live rows' cache
+    costs less than a few decode steps over the stopped ones.
     """
     logits = context.feed(*_left_padded(chunks, pad_id))
     stops = torch.tensor(stop_ids)
     live = torch.arange(len(chunks))  # rows still generating, in row order
+    decoding, decoding_rows = context, live  # the batch being fed, and which rows of `context` it holds
+    taken: list[tuple[_BatchContext, torch.Tensor]] = []  # each taken batch's parent and the parent's rows
     tokens: list[list[int]] = [[] for _ in chunks]
     logprob = [0.0] * len(chunks)
     stopped = [False] * len(chunks)
     for step in range(sampling.max_new_tokens):
-        drawn, drawn_logprob = _draw(logits[live], sampling, generator)
+        drawn, drawn_logprob = _draw(logits[torch.isin(decoding_rows, live)], sampling, generator)
         for row, token, token_logprob in zip(live.tolist(), drawn.tolist(), drawn_logprob.tolist(), strict=True):
             tokens[row].append(token)
             logprob[row] += token_logprob
@@ -168,10 +198,18 @@ def _generate_turn(
         live, drawn = live[~finished], drawn[~finished]
         if len(live) == 0 or step == sampling.max_new_tokens - 1:
             break
-        input_ids = torch.full((len(chunks), 1), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunks), 1), dtype=torch.long)
-        input_ids[live, 0], mask[live, 0] = drawn, 1
-        logits = context.feed(input_ids, mask)
+        in_decoding = torch.isin(decoding_rows, live)
+        if 2 * len(live) <= len(decoding_rows):
+            taken.append((decoding, in_decoding.nonzero().squeeze(-1)))
+            decoding, decoding_rows = decoding.take(taken[-1][1]), live
+            in_decoding = torch.ones(len(live), dtype=torch.bool)
+        input_ids = torch.full((len(decoding_rows), 1), pad_id, dtype=torch.long)
+        input_ids[in_decoding, 0] = drawn
+        logits = decoding.feed(input_ids, in_decoding[:, None].long())
+    while taken:
+        parent, rows = taken.pop()
+        parent.put(rows, decoding)
+        decoding = parent
     return [_Sample(tokens[row], logprob[row], stopped[row]) for row in range(len(chunks))]
 
 
@@ -321,7 +359,7 @@ def play_episodes(
     stop_ids = stop_token_ids(tokenizer)
     records: list[EpisodeRecord] = []
     turns_played = 0
-    with ThreadPoolExecutor(max_workers=batch_episodes, thread_name_prefix="game") as games:
+    with ThreadPoolExecutor(max_workers=batch_episodes, thread_name_prefix="game") as games, grouped_query_sdpa():
         for batch_index, start in enumerate(range(0, len(specs), batch_episodes), start=first_batch):
             batch = specs[start:start + batch_episodes]
             generator = _batch_generator(seed, batch_index)
@@ -337,9 +375,11 @@ def play_episodes(
                 if rules.history_window is not None:  # the window's prefix moved: encode it afresh
                     rows = [rows[row] for row in running]
                     context = _BatchContext(model, len(rows))
-                elif len(running) < len(rows):
-                    context.keep(torch.tensor(running))
-                    rows = [rows[row] for row in running]
+                else:
+                    if len(running) < len(rows):
+                        context.keep(torch.tensor(running))
+                        rows = [rows[row] for row in running]
+                    context.compact()
                 chunks = [episode.next_chunk(rules.history_window) for episode in rows]
                 recorded = [chunk if rules.history_window is not None else episode.pending_ids
                             for chunk, episode in zip(chunks, rows, strict=True)]

@@ -312,6 +312,33 @@ def test_a_finished_episode_leaves_the_batch(trained, tokenizer, pool):
     assert running[-1] < running[0], "some episode should end early (won) and stop consuming compute"
 
 
+def test_rows_that_ended_their_turn_leave_the_decode_batch(trained, tokenizer, pool):
+    """Once half the rows decoding together have ended their turn, the others decode as a batch of their own: the
+    rows of every single-token forward follow that rule exactly, given the turns' lengths."""
+    decode_rows: list[int] = []
+
+    def record_decode_rows(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] == 1:
+            decode_rows.append(kwargs["input_ids"].shape[0])
+
+    handle = trained.register_forward_pre_hook(record_decode_rows, with_kwargs=True)
+    try:
+        records = play_episodes(trained, tokenizer, _specs(4), pool, SamplingConfig(temperature=1.0, max_new_tokens=32),
+                                rules=_rules(4), batch_episodes=4, seed=0)
+    finally:
+        handle.remove()
+    expected = []
+    for turn in range(4):
+        lengths = [len(record.turns[turn].generated_token_ids) for record in records if len(record.turns) > turn]
+        rows = len(lengths)
+        for step in range(max(lengths, default=0) - 1):  # the feed after each draw but the last
+            live = sum(length > step + 1 for length in lengths)
+            rows = live if 2 * live <= rows else rows
+            expected.append(rows)
+    assert decode_rows == expected
+    assert min(expected) < 4 / 2, "some turns should end early, so later steps decode fewer rows"
+
+
 def test_a_full_context_ends_the_episode_within_its_bound(trained, tokenizer, pool):
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=32)
     limit = 260
