@@ -137,10 +137,7 @@ def main() -> None:
           f"max_turns={rules.max_turns}, batch_episodes={batch_episodes}", flush=True)
     model, tokenizer = policy.model, policy.tokenizer
     with EnvPool(config.env, batch_episodes) as pool:
-        # Start every game worker (a JVM each) before the clocks run, a few at a time: 32 starting at once on 2
-        # busy cores can overrun the pool's start allowance.
-        for started in range(4, batch_episodes + 4, 4):
-            pool.sessions(min(started, batch_episodes))
+        pool.sessions(batch_episodes)  # start every game worker (a JVM each) before the clocks run
         batched(model, tokenizer, specs[:2], pool, sampling, rules, 2, args.seed)  # warm-up: first calls
         before = batched(model, tokenizer, specs, pool, sampling, rules, batch_episodes, args.seed)
         print(f"batched engine (1st run):  {before.describe()}", flush=True)

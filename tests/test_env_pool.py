@@ -231,3 +231,28 @@ def test_a_batch_loses_exactly_its_crashed_and_hung_episodes(counter: EnvConfig)
         assert [old == new for old, new in zip(before, after, strict=True)] == [True, False, False, True]
         again = play_episodes(model, tokenizer, specs, pool, sampling, rules, batch_episodes=4, seed=0)
         assert [r.termination for r in again] == [r.termination for r in records]
+
+
+def test_workers_start_in_waves(counter: EnvConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wave of workers is up before the next one starts, so a big pool's starts do not compete for the cores."""
+    events: list[str] = []
+
+    class Recorded(WorkerSession):
+        def __init__(self, *args, **kwargs) -> None:
+            events.append("start")
+            super().__init__(*args, **kwargs)
+
+        def wait_started(self) -> None:
+            super().wait_started()
+            events.append("up")
+
+    monkeypatch.setattr(pool_module, "WorkerSession", Recorded)
+    monkeypatch.setattr(pool_module, "_START_WAVE", 2)
+    with EnvPool(counter, size=5) as pool:
+        sessions = pool.sessions(5)
+        assert len({session.pid for session in sessions}) == 5
+        assert events == ["start", "start", "up", "up"] * 2 + ["start", "up"]
+        os.kill(sessions[3].pid, signal.SIGKILL)
+        sessions[3].broken = True
+        events.clear()
+        assert pool.sessions(5)[3].pid != sessions[3].pid and events == ["start", "up"]

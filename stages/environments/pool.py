@@ -15,7 +15,7 @@ sessions, each in its own process, carry on. The rollout engine records the epis
 A worker runs in its own process group, so killing the group also kills what the game engine started (TWX's JVM,
 a ScienceWorld server) instead of leaving it orphaned; and Ctrl-C in a terminal reaches only the parent, which
 then closes the pool. A worker whose parent vanishes sees its pipe close and exits after closing its game.
-Workers start concurrently and are reused across batches until `close()`.
+Workers start in waves of a few (see `_START_WAVE`) and are reused across batches until `close()`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ _SPAWN = multiprocessing.get_context("spawn")
 # Starting a worker is a fresh interpreter and its imports (seconds on a loaded machine), then opening the game,
 # which is allowed a reset's time limit on top of this.
 _START_ALLOWANCE_S = 60.0
+# Workers start in waves of this many: each start costs a second or two of CPU (an interpreter, a JVM for TWX), and
+# 32 starting at once on 2 busy cores left the first ones past their allowance while the last still competed.
+_START_WAVE = 8
 _EXIT_TIMEOUT_S = 10.0  # a worker asked to close gets this long to close its game and exit before it is killed
 # An expert episode is one call into the worker: it may take a reset plus this many steps' time limits.
 _EXPERT_STEP_ALLOWANCE = 200
@@ -257,30 +260,30 @@ class EnvPool:
         self._closed = False
 
     def sessions(self, n: int) -> list[WorkerSession]:
-        """`n` live sessions, the same ones call after call; broken ones are replaced, all new ones start together."""
+        """`n` live sessions, the same ones call after call; broken ones are replaced, new ones start in waves."""
         if self._closed:
             raise RuntimeError("the pool is closed")
         if not 0 <= n <= self.size:
             raise ValueError(f"asked for {n} sessions from a pool of size {self.size}")
-        fresh = []
-        for index in range(n):
-            if index < len(self._sessions) and not self._sessions[index].broken:
-                continue
-            session = WorkerSession(self._family_type, self.env)
-            if index < len(self._sessions):
-                self._sessions[index].close()
-                self._sessions[index] = session
-            else:
-                self._sessions.append(session)
-            fresh.append(session)
+        missing = [index for index in range(n) if index >= len(self._sessions) or self._sessions[index].broken]
         failures = []
-        for session in fresh:
-            try:
-                session.wait_started()
-            except (ValueError, EnvError) as error:
-                failures.append(error)
-        if failures:
-            raise failures[0]
+        for wave in range(0, len(missing), _START_WAVE):
+            fresh = []
+            for index in missing[wave:wave + _START_WAVE]:
+                session = WorkerSession(self._family_type, self.env)
+                if index < len(self._sessions):
+                    self._sessions[index].close()
+                    self._sessions[index] = session
+                else:
+                    self._sessions.append(session)
+                fresh.append(session)
+            for session in fresh:
+                try:
+                    session.wait_started()
+                except (ValueError, EnvError) as error:
+                    failures.append(error)
+            if failures:
+                raise failures[0]
         return list(self._sessions[:n])
 
     def expert_episodes(self, tasks: Sequence[Task]) -> list[list[ExpertTurn]]:
