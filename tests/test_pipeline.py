@@ -42,6 +42,7 @@ MICRO = {
     "evaluate": {"tasks": 4, "max_new_tokens": 20},
 }
 STAGES_OF_ITERATION = ["rollout", "rollout-aux-01", "filter", "optimize", "publish", "evaluate"]
+PROJECT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
@@ -250,3 +251,33 @@ def test_ablation_switches_run_through_rollout_filter_and_optimize(local_run, tm
     assert update["samples"] == sum(t["episode_id"] in accepted for t in turns)
     assert update["kl_ref"] is not None and abs(update["kl_ref"]) < 1e-6, "policy == reference before the update"
     assert optimized.metrics["sampling_logprob_gap"] < 1e-4
+
+
+def test_the_alfworld_config_trains_on_generated_alfworld_games(tmp_path, prefect_harness):
+    """`--config configs/alfworld-tiny.yaml` (the embedded default switched to offline-generated ALFWorld games),
+    with micro budgets set on the command line, runs warmstart and a full iteration on ALFWorld's own engine."""
+    budgets = {"run.iterations": 1, "env.max_turns": 4, "model.vocab_size": 400, "model.hidden_size": 32,
+               "model.num_layers": 1, "model.num_heads": 2, "model.num_kv_heads": 1, "model.intermediate_size": 64,
+               "model.tokenizer_corpus_tasks": 6, "warmstart.expert_tasks": 6, "warmstart.steps": 10,
+               "warmstart.batch_size": 4, "rollout.groups": 1, "rollout.group_size": 2, "rollout.batch_episodes": 2,
+               "rollout.sampling.max_new_tokens": 16, "filter.target_groups": 1, "filter.max_extra_draws": 0,
+               "filter.reject_zero_variance": False, "filter.max_malformed_fraction": 1.0,
+               "optimize.micro_batch_tokens": 2048, "evaluate.tasks": 2, "evaluate.max_new_tokens": 16,
+               "tracking.mlflow_uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    run = tmp_path / "run"
+    arguments = ["train", "--config", str(PROJECT / "configs" / "alfworld-tiny.yaml"), "--run", str(run)]
+    for key, value in budgets.items():
+        arguments += ["--set", f"{key}={value}"]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    store = open_run(str(run)).store
+    for iteration, stages in [(0, ["warmstart", "publish", "evaluate"]), (1, ["rollout", "filter", "optimize",
+                                                                                "publish", "evaluate"])]:
+        for stage in stages:
+            assert read_committed(store, stage, iteration) is not None, f"{stage} of iteration {iteration}"
+    episodes = store.read_table("iter-000001/rollout/episodes.parquet", EPISODES).to_pylist()
+    assert len(episodes) == 2 and all(e["task_id"].startswith("alfworld-generated/train/") for e in episodes)
+    held_out = store.read_table("iter-000001/evaluate/episodes.parquet", EPISODES).to_pylist()
+    assert len(held_out) == 2 and all(e["task_id"].startswith("alfworld-generated/") for e in held_out)
+    played = episodes + held_out
+    assert all(e["termination"] in {"won", "lost", "max_turns", "context_full"} for e in played), played
