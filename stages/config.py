@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -271,10 +271,20 @@ class PublishConfig(Section):
 
 
 class EvaluateConfig(Section):
-    tasks: int = Field(32, ge=1)
+    splits: list[str] = Field(["heldout"], min_length=1, description=(
+        "env splits played, `tasks` games each; the first gates the champion (e.g. [heldout, unseen] on ALFWorld: "
+        "in-distribution and out-of-distribution rooms)"))
+    tasks: int = Field(32, ge=1, description="games per split")
     batch_episodes: int = Field(32, ge=1)
     max_new_tokens: int = Field(48, ge=1)
     min_improvement: float = Field(0.0, description="champion moves when candidate >= champion + this")
+
+    @field_validator("splits")
+    @classmethod
+    def _distinct_splits(cls, splits: list[str]) -> list[str]:
+        if len(set(splits)) != len(splits):
+            raise ValueError(f"evaluate.splits lists a split twice: {splits}")
+        return splits
 
 
 class TrackingConfig(Section):

@@ -144,3 +144,15 @@ def test_the_run_records_the_env_familys_prompt(tmp_path):
         update={"mlflow_uri": f"sqlite:///{tmp_path}/m.db"})}))
     recorded = ctx.store.read_json("run.json")["config"]["env"]["system_prompt"]
     assert recorded == get_family(config.env).default_system_prompt and "<action>" in recorded
+
+
+def test_evaluation_splits_are_distinct_and_known_to_the_family(tmp_path):
+    with pytest.raises(ConfigError, match="lists a split twice"):
+        parse_config({"evaluate": {"splits": ["heldout", "heldout"]}})
+    with pytest.raises(ConfigError, match="splits"):
+        parse_config({"evaluate": {"splits": []}})
+    from dypo.stages.environments import get_family
+
+    family = get_family(parse_config({}).env)
+    with pytest.raises(ValueError, match="has no split 'unseen'; its splits are train, heldout"):
+        family.make_tasks("unseen", 2)

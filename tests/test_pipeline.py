@@ -96,6 +96,7 @@ def test_local_run_commits_every_stage_with_valid_artifacts(local_run):
     held_out = store.read_table("iter-000001/evaluate/episodes.parquet", EPISODES).to_pylist()
     assert {e["split"] for e in held_out} == {"heldout"} and len(held_out) == 4
     overall = next(m for m in metrics if m["task_type"] == "all")
+    assert {m["split"] for m in metrics} == {"heldout"}
     assert overall["success_rate"] == sum(e["success"] for e in held_out) / 4
     assert [e.iteration for e in evaluations] == [0, 1]
 
@@ -263,6 +264,7 @@ def test_the_alfworld_config_trains_on_generated_alfworld_games(tmp_path, prefec
                "rollout.sampling.max_new_tokens": 16, "filter.target_groups": 1, "filter.max_extra_draws": 0,
                "filter.reject_zero_variance": False, "filter.max_malformed_fraction": 1.0,
                "optimize.micro_batch_tokens": 2048, "evaluate.tasks": 2, "evaluate.max_new_tokens": 16,
+               "evaluate.splits": '["heldout", "unseen"]',
                "tracking.mlflow_uri": f"sqlite:///{tmp_path}/mlflow.db"}
     run = tmp_path / "run"
     arguments = ["train", "--config", str(PROJECT / "configs" / "alfworld-tiny.yaml"), "--run", str(run)]
@@ -278,6 +280,13 @@ def test_the_alfworld_config_trains_on_generated_alfworld_games(tmp_path, prefec
     episodes = store.read_table("iter-000001/rollout/episodes.parquet", EPISODES).to_pylist()
     assert len(episodes) == 2 and all(e["task_id"].startswith("alfworld-generated/train/") for e in episodes)
     held_out = store.read_table("iter-000001/evaluate/episodes.parquet", EPISODES).to_pylist()
-    assert len(held_out) == 2 and all(e["task_id"].startswith("alfworld-generated/") for e in held_out)
+    assert sorted(e["split"] for e in held_out) == ["heldout", "heldout", "unseen", "unseen"]
+    metrics = store.read_table("iter-000001/evaluate/metrics.parquet", EVAL_METRICS).to_pylist()
+    for split in ("heldout", "unseen"):
+        overall = next(m for m in metrics if m["split"] == split and m["task_type"] == "all")
+        assert overall["episodes"] == 2
+        assert overall["success_rate"] == sum(e["success"] for e in held_out if e["split"] == split) / 2
+        assert read_committed(store, "evaluate", 1).manifest.metrics[f"success_rate_{split}"] == overall["success_rate"]
+    assert read_committed(store, "evaluate", 1).manifest.metrics["episodes"] == 2  # the gating split's
     played = episodes + held_out
     assert all(e["termination"] in {"won", "lost", "max_turns", "context_full"} for e in played), played

@@ -8,7 +8,7 @@ from dypo.stages.storage import RunStore
 
 
 def metric_row(**overrides):
-    row = {"run": "r", "iteration": 1, "task_type": "all", "episodes": 4, "success_rate": 0.5,
+    row = {"run": "r", "iteration": 1, "split": "heldout", "task_type": "all", "episodes": 4, "success_rate": 0.5,
            "mean_return": 0.4, "mean_turns": 3.0, "malformed_turn_rate": 0.0}
     return {**row, **overrides}
 
@@ -18,7 +18,7 @@ def test_roundtrip_through_parquet_keeps_name_and_version(tmp_path):
     store.write_table("m.parquet", build_table([metric_row()], EVAL_METRICS))
     table = store.read_table("m.parquet", EVAL_METRICS)
     assert table.schema.metadata[NAME_KEY] == b"eval_metrics"
-    assert table.schema.metadata[VERSION_KEY] == b"1.0"
+    assert table.schema.metadata[VERSION_KEY] == b"1.1"
     assert table.to_pylist() == [metric_row()]
 
 

@@ -33,7 +33,7 @@ def test_missing_object_names_its_uri(store):
 
 
 def test_tables_are_validated_on_read(store):
-    row = {"run": "r", "iteration": 0, "task_type": "all", "episodes": 1, "success_rate": 1.0,
+    row = {"run": "r", "iteration": 0, "split": "heldout", "task_type": "all", "episodes": 1, "success_rate": 1.0,
            "mean_return": 1.0, "mean_turns": 2.0, "malformed_turn_rate": 0.0}
     store.write_table("t/m.parquet", build_table([row], EVAL_METRICS))
     assert store.read_table("t/m.parquet", EVAL_METRICS).to_pylist() == [row]
