@@ -293,20 +293,28 @@ def test_a_history_window_keeps_the_prompt_and_the_last_turns(trained, tokenizer
         assert turn.context_token_ids == expected
 
 
-def test_a_finished_episode_leaves_the_batch(trained, tokenizer, pool):
-    """Each turn starts with one forward over the new context pieces; its batch holds only running episodes."""
-    rows_per_turn: list[int] = []
+def _played_with_forward_shapes(model, tokenizer, pool, sampling: SamplingConfig,
+                                max_turns: int) -> tuple[list[EpisodeRecord], list[tuple[int, int]]]:
+    """Four episodes played in one batch, and the [rows, width] of every forward pass the engine made."""
+    shapes: list[tuple[int, int]] = []
 
-    def record_chunk_rows(module, args, kwargs):
-        if kwargs["input_ids"].shape[1] > 1:  # a turn's first feed; token steps feed width 1
-            rows_per_turn.append(kwargs["input_ids"].shape[0])
+    def record(module, args, kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
 
-    handle = trained.register_forward_pre_hook(record_chunk_rows, with_kwargs=True)
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        records = play_episodes(trained, tokenizer, _specs(4), pool, SamplingConfig(temperature=0.0, max_new_tokens=32),
-                                rules=_rules(6), batch_episodes=4, seed=0)
+        records = play_episodes(model, tokenizer, _specs(4), pool, sampling, rules=_rules(max_turns),
+                                batch_episodes=4, seed=0)
     finally:
         handle.remove()
+    return records, shapes
+
+
+def test_a_finished_episode_leaves_the_batch(trained, tokenizer, pool):
+    """Each turn starts with one forward over the new context pieces; its batch holds only running episodes."""
+    records, shapes = _played_with_forward_shapes(trained, tokenizer, pool, SamplingConfig(temperature=0.0,
+                                                                                          max_new_tokens=32), 6)
+    rows_per_turn = [rows for rows, width in shapes if width > 1]  # a turn's first feed; token steps feed width 1
     running = [sum(len(record.turns) > turn for record in records) for turn in range(6)]
     assert rows_per_turn == [count for count in running if count]
     assert running[-1] < running[0], "some episode should end early (won) and stop consuming compute"
@@ -315,18 +323,9 @@ def test_a_finished_episode_leaves_the_batch(trained, tokenizer, pool):
 def test_rows_that_ended_their_turn_leave_the_decode_batch(trained, tokenizer, pool):
     """Once half the rows decoding together have ended their turn, the others decode as a batch of their own: the
     rows of every single-token forward follow that rule exactly, given the turns' lengths."""
-    decode_rows: list[int] = []
-
-    def record_decode_rows(module, args, kwargs):
-        if kwargs["input_ids"].shape[1] == 1:
-            decode_rows.append(kwargs["input_ids"].shape[0])
-
-    handle = trained.register_forward_pre_hook(record_decode_rows, with_kwargs=True)
-    try:
-        records = play_episodes(trained, tokenizer, _specs(4), pool, SamplingConfig(temperature=1.0, max_new_tokens=32),
-                                rules=_rules(4), batch_episodes=4, seed=0)
-    finally:
-        handle.remove()
+    records, shapes = _played_with_forward_shapes(trained, tokenizer, pool, SamplingConfig(temperature=1.0,
+                                                                                          max_new_tokens=32), 4)
+    decode_rows = [rows for rows, width in shapes if width == 1]
     expected = []
     for turn in range(4):
         lengths = [len(record.turns[turn].generated_token_ids) for record in records if len(record.turns) > turn]
