@@ -87,11 +87,11 @@ BATCH = TableSpec("batch", "1.0", pa.schema([
     pa.field("advantage", pa.float64()),
 ]))
 
-# 1.1: `split` added (evaluate.splits may name several held-out folds).
+# 1.1: `split` added (evaluate.splits may name several held-out folds; null in 1.0 files, which are heldout).
 EVAL_METRICS = TableSpec("eval_metrics", "1.1", pa.schema([
     pa.field("run", pa.string(), nullable=False),
     pa.field("iteration", pa.int32(), nullable=False),
-    pa.field("split", pa.string(), nullable=False),
+    pa.field("split", pa.string(), nullable=True),
     pa.field("task_type", pa.string(), nullable=False),
     pa.field("episodes", pa.int32(), nullable=False),
     pa.field("success_rate", pa.float64(), nullable=False),

@@ -46,7 +46,7 @@ def test_manifest_records_outputs_and_inputs(store):
     manifest = outcome.committed.manifest
     assert manifest.inputs == {"iter-000001/publish/manifest.json": upstream.sha256}
     assert [o.path for o in manifest.outputs] == ["metrics.parquet"]
-    assert manifest.schema_versions == {"eval_metrics": "1.0"}
+    assert manifest.schema_versions == {"eval_metrics": EVAL_METRICS.version}
     assert manifest.outputs[0].bytes == len(store.read_bytes("iter-000001/evaluate/metrics.parquet"))
 
 
