@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -32,20 +31,29 @@ OPTIMIZER_FORMAT = "dypo-adamw-by-name/1"
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _init_distributed(extensions_dir: Path) -> None:
     """Join (or, alone, form) the process group once per process; later trainers reuse it.
 
-    DeepSpeed JIT-builds a shared-memory comm op with g++ here, into TORCH_EXTENSIONS_DIR (~35 s the first time).
+    Under a launcher (the multi-node Indexed Job sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT) the ranks
+    meet over TCP. Alone, the group of one is formed on an in-memory store: no port, so stage processes started
+    side by side on one host (container and deployment launchers, shards) cannot race for one. DeepSpeed then
+    adopts the initialised group. It JIT-builds a shared-memory comm op with g++ here, into TORCH_EXTENSIONS_DIR
+    (~35 s the first time).
     """
     if dist.is_initialized():
         return
     os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions_dir)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-        os.environ.setdefault(key, value)
+    launched = [key for key in _LAUNCHER_ENV if key in os.environ]
+    if launched and len(launched) < len(_LAUNCHER_ENV):
+        missing = ", ".join(key for key in _LAUNCHER_ENV if key not in os.environ)
+        raise RuntimeError(f"a distributed launch sets {', '.join(_LAUNCHER_ENV)}; {missing} missing. Set all of "
+                           "them (see k8s/optimize-multinode) or none for a single process")
+    if not launched:
+        os.environ.setdefault("LOCAL_RANK", "0")
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend="gloo")
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
@@ -172,3 +175,33 @@ def test_load_optimizer_rejects_state_of_another_model(
                                   extensions_dir=extensions_dir)
     with pytest.raises(ValueError, match="does not match"):
         mismatched.load_optimizer(tmp_path / "optimizer")
+
+
+_INIT = ("import sys, os, pathlib; from dypo.stages.trainer import _init_distributed; "
+         "_init_distributed(pathlib.Path(os.environ['TORCH_EXTENSIONS_DIR'])); "
+         "import torch.distributed as d; print(d.get_world_size(), os.environ.get('MASTER_PORT'))")
+
+
+def _init_in_fresh_processes(count: int = 1, **launcher_env: str) -> list[subprocess.CompletedProcess]:
+    """`_init_distributed` in `count` fresh processes started together, with only `launcher_env` of the launch
+    variables set."""
+    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                                          "MASTER_PORT", "LOCAL_RANK")}
+    processes = [subprocess.Popen([sys.executable, "-c", _INIT], env={**env, **launcher_env}, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(count)]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    return [subprocess.CompletedProcess(process.args, process.returncode, *output)
+            for process, output in zip(processes, outputs, strict=True)]
+
+
+def test_single_processes_form_their_groups_without_a_port():
+    """Stage processes starting side by side on one host must not race for a rendezvous port."""
+    for done in _init_in_fresh_processes(2):
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split()[-2:] == ["1", "None"]
+
+
+def test_a_partial_launcher_environment_is_refused_with_what_is_missing():
+    [done] = _init_in_fresh_processes(RANK="0", WORLD_SIZE="2")
+    assert done.returncode != 0
+    assert "MASTER_ADDR, MASTER_PORT missing" in done.stderr
