@@ -9,6 +9,7 @@ typo in an RL config costs a GPU-day.
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -305,12 +306,16 @@ class ShardsConfig(Section):
     evaluate: int = Field(1, ge=1)
 
 
+# `make images` tags dypo-<family>:<this package's version>; the launcher's defaults are those tags.
+_IMAGE_TAG = importlib.metadata.version("dypo")
+
+
 class ContainerImages(Section):
     """The image of each stage family (see images/README.md); on a CPU-only machine point all three at dypo-cpu."""
 
-    cpu: str = "localhost/dypo-cpu:latest"
-    rollout_gpu: str = "localhost/dypo-rollout-gpu:latest"
-    train_gpu: str = "localhost/dypo-train-gpu:latest"
+    cpu: str = f"dypo-cpu:{_IMAGE_TAG}"
+    rollout_gpu: str = f"dypo-rollout-gpu:{_IMAGE_TAG}"
+    train_gpu: str = f"dypo-train-gpu:{_IMAGE_TAG}"
 
 
 class ContainerLaunchConfig(Section):
