@@ -9,8 +9,9 @@ that both compute the same objective.
 
 Both sides run one update's gradient accumulation over the whole batch with the same number of token slots per
 forward pass (`optimize.micro_batch_tokens`, or `--token-budget`):
-- packed (ours), as the optimize stage runs it: `packed_micro_batches` (one row of at most that many tokens per
-  pass), `packed_token_logprobs` with entropy, `dypo_loss` normalised by the batch's loss tokens, backward.
+- packed (ours), as the optimize stage runs it: `packed_micro_batches` (rows as wide as the longest episode, as
+  many rows per pass as fit the slots), `packed_token_logprobs` with entropy, `dypo_loss` normalised by the
+  batch's loss tokens, backward.
 - TRL: a `GRPOTrainer` (trl 1.16) around the same model, `loss_type="dapo"` (the token-level mean over the batch,
   as ours), the same clip range and temperature, no KL; the batch in the layout its
   `_generate_and_score_completions` produces (prompt = the first turn's context, left-padded; completion = the
@@ -118,7 +119,7 @@ def _batch_data(policy, episodes: list[tuple[tuple[list[int], list[int]], float,
 
 def packed_step(model: torch.nn.Module, sequences: list[TrainingSequence], old: list[torch.Tensor],
                 token_budget: int, pad_id: int, temperature: float) -> dict[str, float]:
-    """The optimize stage's update: one packed row of at most `token_budget` tokens per forward pass
+    """The optimize stage's update: forward passes of at most `token_budget` packed slots
     (`packed_micro_batches`), gradients accumulated, each pass's loss normalised by the batch's loss tokens."""
     total = sum(seq.num_loss_tokens for seq in sequences)
     passes = packed_micro_batches(sequences, list(range(len(sequences))), token_budget, pad_id)

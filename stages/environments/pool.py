@@ -266,9 +266,8 @@ class EnvPool:
         if not 0 <= n <= self.size:
             raise ValueError(f"asked for {n} sessions from a pool of size {self.size}")
         missing = [index for index in range(n) if index >= len(self._sessions) or self._sessions[index].broken]
-        failures = []
         for wave in range(0, len(missing), _START_WAVE):
-            fresh = []
+            fresh, failures = [], []
             for index in missing[wave:wave + _START_WAVE]:
                 session = WorkerSession(self._family_type, self.env)
                 if index < len(self._sessions):
