@@ -20,7 +20,7 @@ from dypo.stages.generation import (
     play_episodes,
 )
 from dypo.stages.policy import build_model, stop_token_ids, train_tokenizer
-from dypo.stages.trajectory import EpisodeRecord, EpisodeSpec
+from dypo.stages.trajectory import EpisodeRecord, EpisodeSpec, Task
 from dypo.stages.turn_format import SYSTEM_PROMPT, render_turn
 
 ENV = EnvConfig()
@@ -53,9 +53,10 @@ def untrained(tokenizer):
 
 @pytest.fixture(scope="module")
 def trained(tokenizer, games):
-    """100 supervised steps on the experts' first two turns: enough to write the turn format, and to win some."""
+    """100 supervised steps on whole expert games: enough to keep the turn format for a whole episode, and to win
+    a game whose coin lies in the first room (tests that need an early win pick such games: `_short_and_long`)."""
     model = build_model(tokenizer, TINY, seed=0)
-    sequences = [expert_sequence(tokenizer, SYSTEM_PROMPT, turns[:2]) for turns in games]
+    sequences = [expert_sequence(tokenizer, SYSTEM_PROMPT, turns) for turns in games]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
     model.train()
@@ -82,10 +83,19 @@ def _rules(max_turns: int, **changes) -> EpisodeRules:
     return EpisodeRules(max_turns=max_turns, **fields)
 
 
-def _specs(count: int, group_size: int = 2) -> list[EpisodeSpec]:
-    tasks = get_family(ENV).make_tasks("train", count // group_size, start=100)
+def _specs(count: int, group_size: int = 2, tasks: list[Task] | None = None) -> list[EpisodeSpec]:
+    """`count` episodes in groups of `group_size`, on `tasks` or on train games the policy never saw."""
+    tasks = tasks or get_family(ENV).make_tasks("train", count // group_size, start=100)
     return [EpisodeSpec(task, f"g{i // group_size}", f"e{i}") for i, task in enumerate(
-        task for task in tasks for _ in range(group_size))]
+        task for task in tasks for _ in range(group_size))][:count]
+
+
+def _short_and_long(pool: EnvPool) -> list[Task]:
+    """An unseen game the expert wins in one step (the coin is in the first room) and one it needs 6+ steps for."""
+    tasks = get_family(ENV).make_tasks("train", 40, start=100)
+    lengths = [len(turns) for turns in pool.expert_episodes(tasks)]
+    return [next(task for task, n in zip(tasks, lengths, strict=True) if n == 1),
+            next(task for task, n in zip(tasks, lengths, strict=True) if n >= 6)]
 
 
 def _full_sequence(record: EpisodeRecord) -> tuple[list[int], list[tuple[int, int]]]:
@@ -293,9 +303,9 @@ def test_a_history_window_keeps_the_prompt_and_the_last_turns(trained, tokenizer
         assert turn.context_token_ids == expected
 
 
-def _played_with_forward_shapes(model, tokenizer, pool, sampling: SamplingConfig,
-                                max_turns: int) -> tuple[list[EpisodeRecord], list[tuple[int, int]]]:
-    """Four episodes played in one batch, and the [rows, width] of every forward pass the engine made."""
+def _played_with_forward_shapes(model, tokenizer, pool, sampling: SamplingConfig, max_turns: int,
+                                specs: list[EpisodeSpec]) -> tuple[list[EpisodeRecord], list[tuple[int, int]]]:
+    """The episodes played in one batch, and the [rows, width] of every forward pass the engine made."""
     shapes: list[tuple[int, int]] = []
 
     def record(module, args, kwargs):
@@ -303,8 +313,8 @@ def _played_with_forward_shapes(model, tokenizer, pool, sampling: SamplingConfig
 
     handle = model.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        records = play_episodes(model, tokenizer, _specs(4), pool, sampling, rules=_rules(max_turns),
-                                batch_episodes=4, seed=0)
+        records = play_episodes(model, tokenizer, specs, pool, sampling, rules=_rules(max_turns),
+                                batch_episodes=len(specs), seed=0)
     finally:
         handle.remove()
     return records, shapes
@@ -312,19 +322,22 @@ def _played_with_forward_shapes(model, tokenizer, pool, sampling: SamplingConfig
 
 def test_a_finished_episode_leaves_the_batch(trained, tokenizer, pool):
     """Each turn starts with one forward over the new context pieces; its batch holds only running episodes."""
-    records, shapes = _played_with_forward_shapes(trained, tokenizer, pool, SamplingConfig(temperature=0.0,
-                                                                                          max_new_tokens=32), 6)
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=32)
+    records, shapes = _played_with_forward_shapes(trained, tokenizer, pool, greedy, 6,
+                                                  _specs(4, tasks=_short_and_long(pool)))
     rows_per_turn = [rows for rows, width in shapes if width > 1]  # a turn's first feed; token steps feed width 1
     running = [sum(len(record.turns) > turn for record in records) for turn in range(6)]
     assert rows_per_turn == [count for count in running if count]
-    assert running[-1] < running[0], "some episode should end early (won) and stop consuming compute"
+    assert [record.termination for record in records[:2]] == ["won", "won"], "the coin was in the first room"
+    assert running[-1] < running[0], "the won episodes should stop consuming compute"
 
 
 def test_rows_that_ended_their_turn_leave_the_decode_batch(trained, tokenizer, pool):
     """Once half the rows decoding together have ended their turn, the others decode as a batch of their own: the
     rows of every single-token forward follow that rule exactly, given the turns' lengths."""
     records, shapes = _played_with_forward_shapes(trained, tokenizer, pool, SamplingConfig(temperature=1.0,
-                                                                                          max_new_tokens=32), 4)
+                                                                                          max_new_tokens=32), 4,
+                                                  _specs(4))
     decode_rows = [rows for rows, width in shapes if width == 1]
     expected = []
     for turn in range(4):
