@@ -18,8 +18,11 @@ envs_app = typer.Typer(no_args_is_help=True, help="Inspect environment families.
 app.add_typer(envs_app, name="envs")
 console = Console()
 
-RunOption = Annotated[str, typer.Option("--run", help="run URI: a local path, file://… or s3://bucket/prefix")]
-IterOption = Annotated[int, typer.Option("--iter", min=0, help="iteration (0 = warmstart)")]
+# The environment variables stand in for the options under torchrun, whose own parser takes `--run` for an
+# abbreviation of its `--run-path` (k8s/optimize-multinode).
+RunOption = Annotated[str, typer.Option("--run", envvar="DYPO_RUN_URI",
+                                        help="run URI: a local path, file://… or s3://bucket/prefix")]
+IterOption = Annotated[int, typer.Option("--iter", envvar="DYPO_ITERATION", min=0, help="iteration (0 = warmstart)")]
 DrawOption = Annotated[int, typer.Option("--draw", min=0, help="rollout draw (0 = main, ≥1 = auxiliary)")]
 PresetOption = Annotated[list[str] | None, typer.Option(
     "--preset", help="algorithm preset applied on top of --config: dypo, grpo, dapo-style (or a YAML path)")]

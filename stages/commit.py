@@ -162,8 +162,8 @@ class StageWriter:
 class StageOutcome:
     """What running a stage (or one shard of it) left behind.
 
-    `committed` is None only after a shard whose siblings have not all committed yet; `shard` is that shard's own
-    manifest.
+    `committed` is None after a shard whose siblings have not all committed yet (`shard` is that shard's own
+    manifest), and on the ranks other than 0 of a distributed stage, which take part but never commit.
     """
 
     committed: CommittedStage | None

@@ -5,10 +5,15 @@ advantage from the filter. `logp_old` is recomputed here with the weights that p
 update; with the default of one update per iteration the ratio is exactly 1 and the clipped loss reduces to
 -mean(A) over generated tokens, whose gradient is the policy gradient. The new weights and AdamW's state are
 written for the next iteration.
+
+Under a distributed launch (torchrun, as k8s/optimize-multinode runs it) every rank runs this same stage on the
+whole batch: each scores its share of pi_old and takes its share of every update's micro-batches (the trainer
+pools the gradients), and rank 0 alone writes the outputs and commits.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import tempfile
 from collections import defaultdict
@@ -20,13 +25,22 @@ import pyarrow.compute as pc
 import torch
 
 from dypo.schemas.tables import BATCH, TRAIN_METRICS, TURNS
-from dypo.stages.commit import StageOutcome, commit_stage, input_digest, read_stage_table, require_committed
+from dypo.stages.commit import (
+    CommittedStage,
+    StageOutcome,
+    StageWriter,
+    commit_stage,
+    input_digest,
+    read_committed,
+    read_stage_table,
+    require_committed,
+)
 from dypo.stages.context import RunContext
 from dypo.stages.dypo_loss import dypo_loss
 from dypo.stages.packing import PackedBatch, packed_micro_batches, packed_token_logprobs
 from dypo.stages.policy import load_policy
 from dypo.stages.sequences import TrainingSequence, TurnTokens, episode_sequence, turn_samples
-from dypo.stages.trainer import DeepSpeedTrainer
+from dypo.stages.trainer import DeepSpeedTrainer, launch_rank, rank_share, sum_over_ranks
 
 
 @dataclass(frozen=True)
@@ -56,14 +70,23 @@ def policy_loss(engine: torch.nn.Module, batch: PolicyMicroBatch) -> tuple[torch
 def sequence_logprobs(model: torch.nn.Module, sequences: list[TrainingSequence], pad_id: int, token_budget: int,
                       temperature: float) -> list[torch.Tensor]:
     """log pi of every token of every sequence under a fixed model: pi_old (the weights that played the rollout,
-    before any update) or pi_ref (the frozen warmstart policy of the KL ablation)."""
+    before any update) or pi_ref (the frozen warmstart policy of the KL ablation).
+
+    Each rank scores every world-size-th micro-batch into one flat buffer of all sequences' tokens; summed over
+    ranks, every rank holds all the log-probs."""
     model.eval()
-    result: list[torch.Tensor | None] = [None] * len(sequences)
-    for members, packed in packed_micro_batches(sequences, list(range(len(sequences))), token_budget, pad_id):
+    rank, world = rank_share()
+    starts = [0]
+    for sequence in sequences:
+        starts.append(starts[-1] + len(sequence.input_ids))
+    flat = torch.zeros(starts[-1])
+    micro_batches = packed_micro_batches(sequences, list(range(len(sequences))), token_budget, pad_id)
+    for members, packed in micro_batches[rank::world]:
         logp, _ = packed_token_logprobs(model, packed, temperature)
         for index, values in zip(members, packed.unpack(logp), strict=True):
-            result[index] = values
-    return result
+            flat[starts[index]:starts[index + 1]] = values
+    sum_over_ranks(flat)
+    return [flat[start:end] for start, end in itertools.pairwise(starts)]
 
 
 def load_sequences(ctx: RunContext, batch: pa.Table, draw_dirs: list[str],
@@ -131,6 +154,59 @@ def sampling_logprob_gap(sequences: list[TrainingSequence], old: list[torch.Tens
     return sum(gaps) / sum(seq.num_loss_tokens for seq in sequences)
 
 
+@dataclass(frozen=True)
+class PolicyUpdate:
+    """What one optimize stage's training did, for its metrics."""
+
+    rows: list[dict]  # one per optimizer step (train_metrics)
+    samples: int
+    sampling_logprob_gap: float | None  # None when observations carry loss (the sampler never drew them)
+
+
+def update_policy(ctx: RunContext, iteration: int, filtered: CommittedStage, reference: CommittedStage | None,
+                  out_dir: Path) -> PolicyUpdate:
+    """The iteration's DyPO updates on the filtered batch; rank 0 saves the new weights and AdamW's state under
+    `out_dir` (checkpoint/, optimizer/). Every rank of a distributed launch runs this on the whole batch."""
+    cfg = ctx.config.optimize
+    batch = ctx.store.read_table(f"{filtered.directory}/batch.parquet", BATCH)
+    sequences, sampling_logprobs = load_sequences(ctx, batch, filtered.manifest.details["draw_stages"].split(","))
+    temperature = ctx.config.rollout.sampling.temperature or 1.0  # a greedy rollout has no temperature
+    model, tokenizer = load_policy(ctx.checkpoint_dir(iteration - 1))
+    trainer = DeepSpeedTrainer(model, learning_rate=cfg.learning_rate, zero_stage=cfg.zero_stage,
+                               max_grad_norm=cfg.max_grad_norm, extensions_dir=ctx.cache / "torch_extensions")
+    if iteration > 1:  # AdamW's moments travel from the previous optimize stage
+        trainer.load_optimizer(ctx.local_copy(ctx.checkpoint(iteration - 1)[0], "optimizer"))
+    rows, gap = [], None
+    if sequences:
+        old = sequence_logprobs(trainer.model, sequences, tokenizer.pad_token_id, cfg.micro_batch_tokens,
+                                temperature)
+        ref = None if reference is None else reference_logprobs(ctx, sequences, cfg.micro_batch_tokens,
+                                                                temperature)
+        if cfg.mask_observations:  # otherwise loss tokens include observations, which the sampler never drew
+            gap = sampling_logprob_gap(sequences, old, sampling_logprobs)
+        rng = random.Random(ctx.config.run.seed * 7919 + iteration)
+        indices = list(range(len(sequences)))
+        mini = cfg.mini_batch_size or len(sequences)
+        for _ in range(cfg.ppo_epochs):
+            rng.shuffle(indices)
+            for start in range(0, len(indices), mini):
+                chosen = indices[start:start + mini]
+                total = sum(sequences[i].num_loss_tokens for i in chosen)
+                chunks = [PolicyMicroBatch(packed, packed.place([old[i] for i in part]),
+                                           None if ref is None else packed.place([ref[i] for i in part]),
+                                           cfg.kl_coef, total, cfg.eps_low, cfg.eps_high, temperature)
+                          for part, packed in packed_micro_batches(sequences, chosen, cfg.micro_batch_tokens,
+                                                                   tokenizer.pad_token_id)]
+                stats = trainer.update(chunks, policy_loss)
+                rows.append({"run": ctx.run_name, "iteration": iteration, "update": len(rows),
+                             "loss": stats["loss"], "clip_fraction": stats["clip_fraction"],
+                             "approx_kl": stats["approx_kl"], "entropy": stats["entropy"],
+                             "grad_norm": stats["grad_norm"], "kl_ref": stats.get("kl_ref"),
+                             "samples": len(chosen), "tokens": total})
+    trainer.save(out_dir / "checkpoint", out_dir / "optimizer", tokenizer)
+    return PolicyUpdate(rows, len(sequences), gap)
+
+
 def optimize(ctx: RunContext, iteration: int, force: bool = False) -> StageOutcome:
     if iteration < 1:
         raise ValueError(f"optimize runs in iterations >= 1, got {iteration}")
@@ -142,54 +218,29 @@ def optimize(ctx: RunContext, iteration: int, force: bool = False) -> StageOutco
     digest = input_digest("optimize", ctx.config.section("run", "rollout", "optimize"), inputs,
                           {"iteration": iteration})
 
-    def body(writer):
-        batch = ctx.store.read_table(f"{filtered.directory}/batch.parquet", BATCH)
-        sequences, sampling_logprobs = load_sequences(ctx, batch, filtered.manifest.details["draw_stages"].split(","))
-        temperature = ctx.config.rollout.sampling.temperature or 1.0  # a greedy rollout has no temperature
-        model, tokenizer = load_policy(ctx.checkpoint_dir(iteration - 1))
-        trainer = DeepSpeedTrainer(model, learning_rate=cfg.learning_rate, zero_stage=cfg.zero_stage,
-                                   max_grad_norm=cfg.max_grad_norm, extensions_dir=ctx.cache / "torch_extensions")
-        if iteration > 1:  # AdamW's moments travel from the previous optimize stage
-            trainer.load_optimizer(ctx.local_copy(policy, "optimizer"))
-        rows = []
-        if sequences:
-            old = sequence_logprobs(trainer.model, sequences, tokenizer.pad_token_id, cfg.micro_batch_tokens,
-                                    temperature)
-            ref = None if reference is None else reference_logprobs(ctx, sequences, cfg.micro_batch_tokens,
-                                                                    temperature)
-            if cfg.mask_observations:  # otherwise loss tokens include observations, which the sampler never drew
-                writer.metrics["sampling_logprob_gap"] = sampling_logprob_gap(sequences, old, sampling_logprobs)
-            rng = random.Random(ctx.config.run.seed * 7919 + iteration)
-            indices = list(range(len(sequences)))
-            mini = cfg.mini_batch_size or len(sequences)
-            for _ in range(cfg.ppo_epochs):
-                rng.shuffle(indices)
-                for start in range(0, len(indices), mini):
-                    chosen = indices[start:start + mini]
-                    total = sum(sequences[i].num_loss_tokens for i in chosen)
-                    chunks = [PolicyMicroBatch(packed, packed.place([old[i] for i in part]),
-                                               None if ref is None else packed.place([ref[i] for i in part]),
-                                               cfg.kl_coef, total, cfg.eps_low, cfg.eps_high, temperature)
-                              for part, packed in packed_micro_batches(sequences, chosen, cfg.micro_batch_tokens,
-                                                                       tokenizer.pad_token_id)]
-                    stats = trainer.update(chunks, policy_loss)
-                    rows.append({"run": ctx.run_name, "iteration": iteration, "update": len(rows),
-                                 "loss": stats["loss"], "clip_fraction": stats["clip_fraction"],
-                                 "approx_kl": stats["approx_kl"], "entropy": stats["entropy"],
-                                 "grad_norm": stats["grad_norm"], "kl_ref": stats.get("kl_ref"),
-                                 "samples": len(chosen), "tokens": total})
+    if launch_rank() != 0:  # a follower: trains its share beside rank 0, which writes and commits
+        existing = read_committed(ctx.store, "optimize", iteration)
+        if existing is not None and existing.manifest.input_digest == digest and not force:
+            return StageOutcome(existing, skipped=True)  # rank 0 skips too: it read the same manifest
         with tempfile.TemporaryDirectory(dir=ctx.cache) as scratch:
-            trainer.save(Path(scratch) / "checkpoint", Path(scratch) / "optimizer", tokenizer)
+            update_policy(ctx, iteration, filtered, reference, Path(scratch))
+        return StageOutcome(None, skipped=False)
+
+    def body(writer: StageWriter) -> None:
+        with tempfile.TemporaryDirectory(dir=ctx.cache) as scratch:
+            update = update_policy(ctx, iteration, filtered, reference, Path(scratch))
             writer.write_dir("checkpoint", Path(scratch) / "checkpoint")
             writer.write_dir("optimizer", Path(scratch) / "optimizer")
-        writer.write_rows("metrics.parquet", rows, TRAIN_METRICS)
-        writer.metrics["updates"] = len(rows)
-        writer.metrics["samples"] = len(sequences)
-        if rows:
-            last = rows[-1]
+        writer.write_rows("metrics.parquet", update.rows, TRAIN_METRICS)
+        if update.sampling_logprob_gap is not None:
+            writer.metrics["sampling_logprob_gap"] = update.sampling_logprob_gap
+        writer.metrics["updates"] = len(update.rows)
+        writer.metrics["samples"] = update.samples
+        if update.rows:
+            last = update.rows[-1]
             writer.metrics.update({key: float(last[key]) for key in ("loss", "clip_fraction", "approx_kl",
                                                                        "entropy", "grad_norm", "kl_ref")
                                    if last[key] is not None})
-            writer.metrics["tokens"] = sum(r["tokens"] for r in rows)
+            writer.metrics["tokens"] = sum(r["tokens"] for r in update.rows)
 
     return commit_stage(ctx.store, "optimize", iteration, digest, inputs, force, body)

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlparse
@@ -138,20 +139,35 @@ class RunStore:
 
     def local_dir(self, key: str, cache_root: Path, version: str) -> Path:
         """A local directory holding the objects under `key`: the directory itself for local runs, otherwise a
-        download into `cache_root`, reused while `version` (the sha of the manifest that committed it) holds."""
+        download into `cache_root`, reused while `version` (the sha of the manifest that committed it) holds.
+
+        Processes sharing the cache (shards in containers, ranks on one node) may download the same directory at
+        once: each downloads into its own scratch directory and renames it into place, and the first rename wins.
+        """
         if self.is_local:
             return Path(self.path(key))
         target = cache_root / hashlib.sha256(f"{self.uri_of(key)}@{version}".encode()).hexdigest()[:16]
         done = target / ".complete"
-        if not done.exists():
-            shutil.rmtree(target, ignore_errors=True)
-            prefix_len = len(key) + 1
-            files = self.list_files(key)
-            if not files:
-                raise StorageError(f"{self.uri_of(key)} holds no files")
+        if done.exists():
+            return target
+        prefix_len = len(key) + 1
+        files = self.list_files(key)
+        if not files:
+            raise StorageError(f"{self.uri_of(key)} holds no files")
+        cache_root.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=cache_root, prefix=f".{target.name}-"))
+        try:
             for file_key in files:
-                destination = target / file_key[prefix_len:]
+                destination = scratch / file_key[prefix_len:]
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 destination.write_bytes(self.read_bytes(file_key))
-            done.touch()
+            (scratch / done.name).touch()
+            try:
+                scratch.rename(target)
+            except OSError as error:  # ENOTEMPTY / EEXIST: another process renamed its copy into place first
+                if not done.exists():
+                    raise StorageError(f"cannot place the download of {self.uri_of(key)} at {target} ({error}): "
+                                       "delete that directory, an unfinished download, and rerun") from error
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         return target

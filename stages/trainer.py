@@ -1,9 +1,12 @@
 """A Hugging Face causal LM inside a DeepSpeed engine: one `update` is one optimizer step, state saved as data.
 
 Runs as a single CPU process over gloo unless a launcher has already set the rank environment, in which case the
-same code runs data-parallel. The optimizer state is written as safetensors + JSON, one full-shape tensor per
-named parameter and Adam moment, never as a pickle (nothing read back from storage is unpickled). Because it is
-keyed by parameter name rather than by ZeRO's flat partitions, it loads into any ZeRO stage 0/1/2 and world size.
+same code runs data-parallel: every rank is handed the whole update and takes its share of the micro-batches
+(`update`), and `sum_over_ranks` pools what each rank computed on its share.
+
+The optimizer state is written as safetensors + JSON, one full-shape tensor per named parameter and Adam moment,
+never as a pickle (nothing read back from storage is unpickled). Because it is keyed by parameter name rather than
+by ZeRO's flat partitions, it loads into any ZeRO stage 0/1/2 and world size.
 """
 
 from __future__ import annotations
@@ -32,6 +35,25 @@ _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launch_rank() -> int:
+    """The rank a distributed launcher (torchrun) gave this process, known before the group forms; 0 alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def rank_share() -> tuple[int, int]:
+    """(this process's rank, the world size): (0, 1) outside a distributed launch."""
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def sum_over_ranks(tensor: Tensor) -> Tensor:
+    """`tensor` summed element-wise over all ranks, in place (each rank fills its share, zeros elsewhere)."""
+    if rank_share()[1] > 1:
+        dist.all_reduce(tensor)
+    return tensor
 
 
 def _init_distributed(extensions_dir: Path) -> None:
@@ -83,24 +105,34 @@ class DeepSpeedTrainer:
 
     def update(self, micro_batches: Sequence[MicroBatch],
                loss_fn: Callable[[torch.nn.Module, MicroBatch], tuple[Tensor, dict[str, float]]]) -> dict[str, float]:
-        """Accumulate gradients over all micro-batches, then take exactly one optimizer step.
+        """Accumulate gradients over the update's micro-batches, then take exactly one optimizer step.
 
+        Every rank is given all micro-batches of the update and runs its share (every world-size-th one).
         `loss_fn(engine, micro_batch)` (call the engine like the model) returns the micro-batch's loss and
-        statistics, both already normalised by the whole batch (see dypo_loss), so they are summed here: the
-        result holds the batch's loss and means, plus `grad_norm`, the global gradient norm before clipping.
+        statistics, both already normalised by the whole batch (see dypo_loss), so they are summed, over
+        micro-batches and ranks: the result, the same on every rank, holds the batch's loss and means, plus
+        `grad_norm`, the global gradient norm before clipping.
         """
         if not micro_batches:
             raise ValueError("an update needs at least one micro-batch")
+        rank, world = rank_share()
+        # ZeRO reduces gradients in every backward, so all ranks must run as many: a rank whose share is one short
+        # (or empty) pads it with a micro-batch of weight 0, whose gradient is zero.
+        share = [(micro_batch, 1.0) for micro_batch in micro_batches[rank::world]]
+        share += [(micro_batches[0], 0.0)] * (-(-len(micro_batches) // world) - len(share))
         self.engine.train()
         totals: dict[str, float] = {"loss": 0.0}
-        for index, micro_batch in enumerate(micro_batches):
+        for index, (micro_batch, weight) in enumerate(share):
             # only the last backward reduces gradients across ranks and lets engine.step() update the weights
-            self.engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
+            self.engine.set_gradient_accumulation_boundary(index == len(share) - 1)
             loss, stats = loss_fn(self.engine, micro_batch)
-            self.engine.backward(loss)
-            totals["loss"] += loss.item()
-            for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + value
+            # DeepSpeed averages gradients over ranks; scaled by the world size, their sum is the batch's gradient
+            self.engine.backward(loss * (weight * world))
+            for key, value in {"loss": loss.item(), **stats}.items():
+                totals[key] = totals.get(key, 0.0) + weight * value
+        names = sorted(totals)
+        summed = sum_over_ranks(torch.tensor([totals[name] for name in names], dtype=torch.float64))
+        totals = dict(zip(names, summed.tolist(), strict=True))
         # ZeRO 1/2 report the norm they clip with; stage 0 does not, so measure its reduced gradients before the step.
         grad_norm = self._gradient_norm() if self.zero_stage == 0 else None
         self.engine.step()

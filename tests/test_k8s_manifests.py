@@ -295,7 +295,8 @@ def test_multinode_optimize_is_an_indexed_job_behind_the_headless_service(tmp_pa
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
     assert container["command"] == ["torchrun"]
     assert "--node-rank=$(JOB_COMPLETION_INDEX)" in container["args"]
-    assert container["args"][container["args"].index("--no-python") + 1:][:3] == ["dypo", "stage", "optimize"]
+    # nothing after the stage name: torchrun's parser would take `--run` for its `--run-path`
+    assert container["args"][container["args"].index("--no-python") + 1:] == ["dypo", "stage", "optimize"]
     env = {e["name"]: e for e in container["env"]}
     assert env["MASTER_ADDR"]["value"] == f"$(JOB_NAME)-0.{pod['spec']['subdomain']}"
     assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
@@ -304,7 +305,8 @@ def test_multinode_optimize_is_an_indexed_job_behind_the_headless_service(tmp_pa
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
     assert selects(service["spec"]["selector"], pod["metadata"]["labels"])
     (launch_config,) = [obj for obj in objects if obj["kind"] == "ConfigMap"]
-    assert launch_config["data"]["DYPO_RUN_URI"] == "s3://dypo-runs/r7"
+    data = launch_config["data"]
+    assert (data["DYPO_RUN_URI"], data["DYPO_ITERATION"]) == ("s3://dypo-runs/r7", "3")
     assert {"configMapRef": {"name": launch_config["metadata"]["name"]}} in container["envFrom"]
 
 

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import boto3
 import pytest
+import torch
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterId
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from dypo.cli import app
@@ -290,3 +292,44 @@ def test_the_alfworld_config_trains_on_generated_alfworld_games(tmp_path, prefec
     assert read_committed(store, "evaluate", 1).manifest.metrics["episodes"] == 2  # the gating split's
     played = episodes + held_out
     assert all(e["termination"] in {"won", "lost", "max_turns", "context_full"} for e in played), played
+
+
+def test_optimize_on_two_ranks_takes_the_single_process_steps(local_run, tmp_path):
+    """`torchrun` with two gloo ranks runs the optimize stage data-parallel: each rank scores and trains its share
+    of the micro-batches, rank 0 alone commits, and the weights and statistics are the single process's. The last
+    update holds one sequence, so rank 1 has no micro-batch of it and must still join the gradient reduction."""
+    source = open_run(local_run[0]).store
+    accepted = sum(row["accepted"] for row in source.read_table("iter-000001/filter/batch.parquet", BATCH).to_pylist())
+    assert accepted >= 3, "the local run should train on several episodes"
+    config = parse_config({**MICRO, "tracking": {"mlflow_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+                           "optimize": {**MICRO["optimize"], "mini_batch_size": accepted - 1}})
+    runs = {}
+    for name in ("single", "ranks"):
+        ctx = create_run(str(tmp_path / name), config)
+        for key in source.list_files("iter-000000") + source.list_files("iter-000001"):
+            if "/optimize/" not in key and "/publish/" not in key and "/evaluate/" not in key:
+                ctx.store.write_bytes(key, source.read_bytes(key))
+        runs[name] = ctx
+    run_stage(runs["single"].store.uri, "optimize", 1)
+    # the local run's cache holds DeepSpeed's compiled comm op, so the ranks do not build it again
+    env = {**os.environ, "DYPO_CACHE_DIR": str(Path(source.root).parent / "cache"), "OMP_NUM_THREADS": "1",
+           "DYPO_RUN_URI": runs["ranks"].store.uri, "DYPO_ITERATION": "1"}  # as k8s/optimize-multinode passes them
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                               "--no-python", str(Path(sys.executable).parent / "dypo"), "stage", "optimize"],
+                              env=env, capture_output=True, text=True, timeout=600)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert "rank 1: took part; rank 0 commits the stage" in launched.stderr
+    metrics = {name: ctx.store.read_table("iter-000001/optimize/metrics.parquet", TRAIN_METRICS).to_pylist()
+               for name, ctx in runs.items()}
+    assert [row["samples"] for row in metrics["ranks"]] == [accepted - 1, 1]
+    for single, ranked in zip(metrics["single"], metrics["ranks"], strict=True):
+        for key in ("loss", "clip_fraction", "approx_kl", "entropy", "grad_norm", "tokens"):
+            assert ranked[key] == pytest.approx(single[key], rel=1e-5, abs=1e-7), key
+    weights = {name: load_file(ctx.checkpoint_dir(1) / "model.safetensors") for name, ctx in runs.items()}
+    moved = max((weights["single"][k] - load_file(runs["single"].checkpoint_dir(0) / "model.safetensors")[k])
+                .abs().max().item() for k in weights["single"])
+    assert moved > 1e-4, "the updates should move the weights"
+    for key, value in weights["single"].items():
+        assert torch.allclose(weights["ranks"][key], value, atol=1e-6), key
+    committed = read_committed(runs["ranks"].store, "optimize", 1).manifest
+    assert committed.metrics["samples"] == accepted and committed.metrics["updates"] == 2

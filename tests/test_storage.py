@@ -1,3 +1,6 @@
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from dypo.schemas.tables import EVAL_METRICS
@@ -68,3 +71,30 @@ def test_uri_normalisation(tmp_path, monkeypatch):
         normalize_uri("s3:///p")
     with pytest.raises(StorageError, match="unsupported storage URI"):
         normalize_uri("gs://bucket/p")
+
+
+def test_downloads_of_one_directory_at_once_all_get_it_whole(s3_bucket, tmp_path):
+    """Shards in containers and ranks on one node share the cache: each download is placed whole or not at all."""
+    store = RunStore(f"s3://{s3_bucket}/run")
+    files = {f"ck/part-{i}": bytes([i]) * 50_000 for i in range(8)}
+    for key, data in files.items():
+        store.write_bytes(key, data)
+    start = threading.Barrier(6)
+
+    def download(_: int) -> dict[str, bytes]:
+        start.wait()
+        local = store.local_dir("ck", tmp_path / "cache", "v1")
+        return {f"ck/{path.name}": path.read_bytes() for path in local.iterdir() if not path.name.startswith(".")}
+
+    with ThreadPoolExecutor(6) as pool:
+        assert all(seen == files for seen in pool.map(download, range(6)))
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [store.local_dir("ck", tmp_path / "cache", "v1").name]
+
+
+def test_an_unfinished_download_left_in_the_cache_is_named(s3_bucket, tmp_path):
+    store = RunStore(f"s3://{s3_bucket}/run")
+    store.write_bytes("ck/w", b"one")
+    target = store.local_dir("ck", tmp_path, "v1")
+    (target / ".complete").unlink()  # as a crash of an older version of the download left it
+    with pytest.raises(StorageError, match="delete that directory"):
+        store.local_dir("ck", tmp_path, "v1")
