@@ -42,6 +42,11 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def launch_world_size() -> int:
+    """The number of ranks a distributed launcher started; 1 alone."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def rank_share() -> tuple[int, int]:
     """(this process's rank, the world size): (0, 1) outside a distributed launch."""
     if not dist.is_initialized():

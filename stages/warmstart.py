@@ -27,7 +27,7 @@ from dypo.stages.episodes import system_prompt
 from dypo.stages.packing import PackedBatch, packed_micro_batches, packed_token_logprobs
 from dypo.stages.policy import build_model, train_tokenizer
 from dypo.stages.sequences import TrainingSequence
-from dypo.stages.trainer import DeepSpeedTrainer
+from dypo.stages.trainer import DeepSpeedTrainer, launch_world_size
 from dypo.stages.turn_format import render_turn
 
 _EXPERT_WORKERS = 2  # expert games are played in this many env workers at once
@@ -55,6 +55,10 @@ def corpus(prompt: str, games: list[list[ExpertTurn]]) -> list[str]:
 def warmstart(ctx: RunContext, iteration: int = 0, force: bool = False) -> StageOutcome:
     if iteration != 0:
         raise ValueError(f"warmstart is iteration 0 of a run, got --iter {iteration}")
+    if launch_world_size() > 1:  # every rank would build, train and commit its own policy
+        raise ValueError(f"warmstart runs as one process (it builds the small policy from scratch), but this is "
+                         f"one of {launch_world_size()} ranks of a distributed launch: run `dypo stage warmstart` "
+                         "without torchrun (only optimize runs data-parallel)")
     cfg = ctx.config
     digest = input_digest("warmstart", cfg.section("run", "env", "model", "warmstart", "optimize"), [], {})
 

@@ -333,3 +333,12 @@ def test_optimize_on_two_ranks_takes_the_single_process_steps(local_run, tmp_pat
         assert torch.allclose(weights["ranks"][key], value, atol=1e-6), key
     committed = read_committed(runs["ranks"].store, "optimize", 1).manifest
     assert committed.metrics["samples"] == accepted and committed.metrics["updates"] == 2
+
+
+def test_warmstart_refuses_a_distributed_launch_and_writes_nothing(tmp_path, monkeypatch):
+    ctx = create_run(str(tmp_path / "run"), micro_config(tmp_path))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="without torchrun"):
+        run_stage(ctx.store.uri, "warmstart", 0)
+    assert ctx.store.list_files("iter-000000") == []
