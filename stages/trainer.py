@@ -121,14 +121,14 @@ class DeepSpeedTrainer:
         if not micro_batches:
             raise ValueError("an update needs at least one micro-batch")
         rank, world = rank_share()
-        # ZeRO reduces gradients in every backward, so all ranks must run as many: a rank whose share is one short
-        # (or empty) pads it with a micro-batch of weight 0, whose gradient is zero.
+        # ZeRO 2 reduces gradients in every backward (stage 0 at the boundary), so all ranks must run as many: a
+        # rank whose share is one short (or empty) pads it with a micro-batch of weight 0, whose gradient is zero.
         share = [(micro_batch, 1.0) for micro_batch in micro_batches[rank::world]]
         share += [(micro_batches[0], 0.0)] * (-(-len(micro_batches) // world) - len(share))
         self.engine.train()
         totals: dict[str, float] = {"loss": 0.0}
         for index, (micro_batch, weight) in enumerate(share):
-            # only the last backward reduces gradients across ranks and lets engine.step() update the weights
+            # the last backward closes the accumulation, so that engine.step() updates the weights
             self.engine.set_gradient_accumulation_boundary(index == len(share) - 1)
             loss, stats = loss_fn(self.engine, micro_batch)
             # DeepSpeed averages gradients over ranks; scaled by the world size, their sum is the batch's gradient
