@@ -171,6 +171,15 @@ class StageOutcome:
     shard: CommittedStage | None = None
 
 
+def committed_as_asked(store: RunStore, stage: str, iteration: int, digest: str,
+                       force: bool) -> CommittedStage | None:
+    """The stage's commit if it was made with `digest` and no rewrite is forced: then running it is a no-op."""
+    existing = read_committed(store, stage, iteration)
+    if existing is not None and existing.manifest.input_digest == digest and not force:
+        return existing
+    return None
+
+
 def commit_stage(
     store: RunStore,
     stage: str,
@@ -181,8 +190,8 @@ def commit_stage(
     body: Callable[[StageWriter], None],
 ) -> StageOutcome:
     """Run `body` unless the stage already committed with this digest; write the manifest last."""
-    existing = read_committed(store, stage, iteration)
-    if existing is not None and existing.manifest.input_digest == digest and not force:
+    existing = committed_as_asked(store, stage, iteration, digest, force)
+    if existing is not None:
         return StageOutcome(existing, skipped=True)
     directory = stage_dir(stage, iteration)
     store.delete_prefix(directory)

@@ -30,8 +30,8 @@ from dypo.stages.commit import (
     StageOutcome,
     StageWriter,
     commit_stage,
+    committed_as_asked,
     input_digest,
-    read_committed,
     read_stage_table,
     require_committed,
 )
@@ -76,9 +76,7 @@ def sequence_logprobs(model: torch.nn.Module, sequences: list[TrainingSequence],
     ranks, every rank holds all the log-probs."""
     model.eval()
     rank, world = rank_share()
-    starts = [0]
-    for sequence in sequences:
-        starts.append(starts[-1] + len(sequence.input_ids))
+    starts = [0, *itertools.accumulate(len(sequence.input_ids) for sequence in sequences)]
     flat = torch.zeros(starts[-1])
     micro_batches = packed_micro_batches(sequences, list(range(len(sequences))), token_budget, pad_id)
     for members, packed in micro_batches[rank::world]:
@@ -163,19 +161,20 @@ class PolicyUpdate:
     sampling_logprob_gap: float | None  # None when observations carry loss (the sampler never drew them)
 
 
-def update_policy(ctx: RunContext, iteration: int, filtered: CommittedStage, reference: CommittedStage | None,
-                  out_dir: Path) -> PolicyUpdate:
-    """The iteration's DyPO updates on the filtered batch; rank 0 saves the new weights and AdamW's state under
-    `out_dir` (checkpoint/, optimizer/). Every rank of a distributed launch runs this on the whole batch."""
+def update_policy(ctx: RunContext, iteration: int, filtered: CommittedStage, policy: CommittedStage,
+                  reference: CommittedStage | None, out_dir: Path) -> PolicyUpdate:
+    """The iteration's DyPO updates on the filtered batch, starting from `policy` (the commit of the weights that
+    played the rollout); rank 0 saves the new weights and AdamW's state under `out_dir` (checkpoint/,
+    optimizer/). Every rank of a distributed launch runs this on the whole batch."""
     cfg = ctx.config.optimize
     batch = ctx.store.read_table(f"{filtered.directory}/batch.parquet", BATCH)
     sequences, sampling_logprobs = load_sequences(ctx, batch, filtered.manifest.details["draw_stages"].split(","))
     temperature = ctx.config.rollout.sampling.temperature or 1.0  # a greedy rollout has no temperature
-    model, tokenizer = load_policy(ctx.checkpoint_dir(iteration - 1))
+    model, tokenizer = load_policy(ctx.local_copy(policy, "checkpoint"))
     trainer = DeepSpeedTrainer(model, learning_rate=cfg.learning_rate, zero_stage=cfg.zero_stage,
                                max_grad_norm=cfg.max_grad_norm, extensions_dir=ctx.cache / "torch_extensions")
     if iteration > 1:  # AdamW's moments travel from the previous optimize stage
-        trainer.load_optimizer(ctx.local_copy(ctx.checkpoint(iteration - 1)[0], "optimizer"))
+        trainer.load_optimizer(ctx.local_copy(policy, "optimizer"))
     rows, gap = [], None
     if sequences:
         old = sequence_logprobs(trainer.model, sequences, tokenizer.pad_token_id, cfg.micro_batch_tokens,
@@ -219,16 +218,16 @@ def optimize(ctx: RunContext, iteration: int, force: bool = False) -> StageOutco
                           {"iteration": iteration})
 
     if launch_rank() != 0:  # a follower: trains its share beside rank 0, which writes and commits
-        existing = read_committed(ctx.store, "optimize", iteration)
-        if existing is not None and existing.manifest.input_digest == digest and not force:
+        existing = committed_as_asked(ctx.store, "optimize", iteration, digest, force)
+        if existing is not None:
             return StageOutcome(existing, skipped=True)  # rank 0 skips too: it read the same manifest
         with tempfile.TemporaryDirectory(dir=ctx.cache) as scratch:
-            update_policy(ctx, iteration, filtered, reference, Path(scratch))
+            update_policy(ctx, iteration, filtered, policy, reference, Path(scratch))
         return StageOutcome(None, skipped=False)
 
     def body(writer: StageWriter) -> None:
         with tempfile.TemporaryDirectory(dir=ctx.cache) as scratch:
-            update = update_policy(ctx, iteration, filtered, reference, Path(scratch))
+            update = update_policy(ctx, iteration, filtered, policy, reference, Path(scratch))
             writer.write_dir("checkpoint", Path(scratch) / "checkpoint")
             writer.write_dir("optimizer", Path(scratch) / "optimizer")
         writer.write_rows("metrics.parquet", update.rows, TRAIN_METRICS)

@@ -92,10 +92,10 @@ def run_stage(run_uri: str, name: str, iteration: int, draw: int = 0, force: boo
     ctx = open_run(run_uri)
     outcome = _launch(name, ctx, iteration, draw, force, shard)
     if outcome.committed is None and outcome.shard is None:  # a rank of a distributed optimize other than 0
-        console.print(f"[green]✓[/green] iter {iteration} [bold]{name}[/bold] rank {launch_rank()}: took part; "
+        rank = launch_rank()
+        console.print(f"[green]✓[/green] iter {iteration} [bold]{name}[/bold] rank {rank}: took part; "
                       "rank 0 commits the stage")
-        return StageSummary(name, iteration, skipped=False, seconds=0.0, metrics={},
-                            details={"rank": str(launch_rank())})
+        return StageSummary(name, iteration, skipped=False, seconds=0.0, metrics={}, details={"rank": str(rank)})
     if outcome.committed is None:
         part = outcome.shard.manifest
         state = "already played" if outcome.skipped else f"{part.timings['seconds']:.1f}s"
