@@ -17,7 +17,8 @@ whose next turn could overflow `max_context_tokens` ends (termination `context_f
 the model's positions.
 
 The loop is our own rather than `generate`: it needs that cache across turns, a seeded generator (reproducible
-rollouts without touching global RNG state), and the log-probs after temperature and top-p.
+rollouts without touching global RNG state), and the log-probs after temperature and top-p. Its forward pass is
+our own too (cached_forward.py): the model's layers run on the real tokens of each padded block only.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dypo.stages.cached_forward import check_supported, forward_block
 from dypo.stages.config import SamplingConfig
 from dypo.stages.conversation import observation_ids, prompt_ids
 from dypo.stages.environments import EnvError, EnvPool, GameSession
-from dypo.stages.kv_cache import compact_columns, grouped_query_sdpa, growing_cache, put_rows, take_rows
+from dypo.stages.kv_cache import compact_columns, growing_cache, put_rows, take_rows
 from dypo.stages.policy import stop_token_ids
 from dypo.stages.trajectory import EpisodeRecord, EpisodeSpec, TurnRecord
 from dypo.stages.turn_format import MalformedReason, parse_turn
@@ -119,8 +121,8 @@ class _BatchContext:
         self.attention_mask = torch.zeros((rows, 0), dtype=torch.long)
         self.next_position = torch.zeros(rows, dtype=torch.long)
 
-    def keep(self, rows: torch.Tensor) -> None:
-        """Drop every row not in `rows` (episodes that ended)."""
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep the rows `rows`, in that order: drops episodes that ended, and copies a row that `rows` repeats."""
         self.cache.batch_select_indices(rows)
         self.attention_mask, self.next_position = self.attention_mask[rows], self.next_position[rows]
 
@@ -149,6 +151,22 @@ class _BatchContext:
             layer.gather_columns(columns)
         self.attention_mask = self.attention_mask.gather(1, columns)
 
+    def feed_chunks(self, chunks: Sequence[list[int]], pad_id: int) -> torch.Tensor:
+        """Append each row's chunk (left-padded to the longest) and return each row's next-token logits.
+
+        On an empty context, rows with equal chunks are encoded once and then copied: the episodes of a group
+        all start from their task's prompt, so the first turn of a batch of groups encodes one prompt per task.
+        """
+        if self.attention_mask.shape[1] > 0:
+            return self.feed(*_left_padded(chunks, pad_id))
+        slot = {chunk: index for index, chunk in enumerate(dict.fromkeys(map(tuple, chunks)))}  # first-seen order
+        copies = torch.tensor([slot[tuple(chunk)] for chunk in chunks])
+        self.attention_mask = torch.zeros((len(slot), 0), dtype=torch.long)
+        self.next_position = torch.zeros(len(slot), dtype=torch.long)
+        logits = self.feed(*_left_padded([list(chunk) for chunk in slot], pad_id))
+        self.select(copies)
+        return logits[copies]
+
     def feed(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Append a [rows, width] block (mask 0 = hole) and return each row's next-token logits.
 
@@ -157,10 +175,7 @@ class _BatchContext:
         position_ids = self.next_position[:, None] + (mask.cumsum(dim=-1) - 1).clamp(min=0)
         self.attention_mask = torch.cat([self.attention_mask, mask], dim=-1)
         self.next_position = self.next_position + mask.sum(dim=-1)
-        return self.model(
-            input_ids=input_ids, attention_mask=self.attention_mask, position_ids=position_ids,
-            past_key_values=self.cache, use_cache=True, logits_to_keep=1,
-        ).logits[:, -1].float()
+        return forward_block(self.model, self.cache, input_ids, mask, position_ids, self.attention_mask)
 
 
 def _generate_turn(
@@ -179,7 +194,7 @@ def _generate_turn(
     rest decode as a batch of their own (`take`), merged back when the turn ends; copying the live rows' cache
     costs less than a few decode steps over the stopped ones.
     """
-    logits = context.feed(*_left_padded(chunks, pad_id))
+    logits = context.feed_chunks(chunks, pad_id)
     stops = torch.tensor(stop_ids)
     live = torch.arange(len(chunks))  # rows still generating, in row order
     decoding, decoding_rows = context, live  # the batch being fed, and which rows of `context` it holds
@@ -355,11 +370,12 @@ def play_episodes(
     its own worker process, so threads overlap their round trips (the sampling stays on this thread, so the
     records do not depend on thread timing).
     """
+    check_supported(model)
     model.eval()
     stop_ids = stop_token_ids(tokenizer)
     records: list[EpisodeRecord] = []
     turns_played = 0
-    with ThreadPoolExecutor(max_workers=batch_episodes, thread_name_prefix="game") as games, grouped_query_sdpa():
+    with ThreadPoolExecutor(max_workers=batch_episodes, thread_name_prefix="game") as games:
         for batch_index, start in enumerate(range(0, len(specs), batch_episodes), start=first_batch):
             batch = specs[start:start + batch_episodes]
             generator = _batch_generator(seed, batch_index)
@@ -377,7 +393,7 @@ def play_episodes(
                     context = _BatchContext(model, len(rows))
                 else:
                     if len(running) < len(rows):
-                        context.keep(torch.tensor(running))
+                        context.select(torch.tensor(running))
                         rows = [rows[row] for row in running]
                     context.compact()
                 chunks = [episode.next_chunk(rules.history_window) for episode in rows]

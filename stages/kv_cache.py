@@ -11,18 +11,9 @@ columns are holes. Attention reads holes like real tokens, so `compact` moves ea
 right end in their order and drops the columns that are then holes in every row. Moving a key does not change
 it (its rotary position was applied when it was computed, from the position ids), and attention does not depend
 on the order of the keys it reads, so compacting changes no log-prob beyond float summation order.
-
-With grouped-query attention (Qwen2: fewer key/value heads than query heads), transformers' sdpa path copies
-every cached key and value once per query head that shares it, on every decode step, unless told that torch's
-sdpa may read the shared heads in place (`enable_gqa`); on CPU it does not do so by default when a mask is
-given, and the engine always gives one. `grouped_query_sdpa` tells it, for the engine's forward passes only.
 """
 
 from __future__ import annotations
-
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -137,25 +128,3 @@ def compact_columns(attention_mask: torch.Tensor) -> torch.Tensor:
     width = int(attention_mask.sum(dim=-1).max())
     # a stable sort of 0/1 puts the holes first and keeps the tokens in order after them
     return torch.sort(attention_mask, dim=-1, stable=True).indices[:, attention_mask.shape[1] - width:]
-
-
-# transformers 5.23 reads this per call (integrations/sdpa_attention.py, `use_gqa_in_sdpa`)
-_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
-
-
-@contextmanager
-def grouped_query_sdpa() -> Iterator[None]:
-    """Within the block, sdpa attention reads shared key/value heads in place instead of repeating them.
-
-    Same attention output (tests/test_kv_cache.py checks it against the default path); a decode step of a
-    32-episode batch at 700 cached tokens spent about 3.5x longer in attention without it.
-    """
-    saved = os.environ.get(_FORCE_GQA)
-    os.environ[_FORCE_GQA] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[_FORCE_GQA]
-        else:
-            os.environ[_FORCE_GQA] = saved

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dypo.stages import generation
 from dypo.stages.config import EnvConfig, ModelConfig, SamplingConfig
 from dypo.stages.conversation import expert_sequence, observation_ids, prompt_ids, turn_ids
 from dypo.stages.environments import EnvError, EnvPool, StepResult, get_family
@@ -307,29 +308,45 @@ def _played_with_forward_shapes(model, tokenizer, pool, sampling: SamplingConfig
                                 specs: list[EpisodeSpec]) -> tuple[list[EpisodeRecord], list[tuple[int, int]]]:
     """The episodes played in one batch, and the [rows, width] of every forward pass the engine made."""
     shapes: list[tuple[int, int]] = []
+    forward = generation.forward_block
 
-    def record(module, args, kwargs):
-        shapes.append(tuple(kwargs["input_ids"].shape))
+    def recording(model, cache, input_ids, *args):
+        shapes.append(tuple(input_ids.shape))
+        return forward(model, cache, input_ids, *args)
 
-    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    generation.forward_block = recording
     try:
         records = play_episodes(model, tokenizer, specs, pool, sampling, rules=_rules(max_turns),
                                 batch_episodes=len(specs), seed=0)
     finally:
-        handle.remove()
+        generation.forward_block = forward
     return records, shapes
 
 
 def test_a_finished_episode_leaves_the_batch(trained, tokenizer, pool):
-    """Each turn starts with one forward over the new context pieces; its batch holds only running episodes."""
+    """Each turn starts with one forward over the new context pieces; its batch holds only running episodes
+    (the first turn's, one row per distinct prompt)."""
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=32)
     records, shapes = _played_with_forward_shapes(trained, tokenizer, pool, greedy, 6,
                                                   _specs(4, tasks=_short_and_long(pool)))
     rows_per_turn = [rows for rows, width in shapes if width > 1]  # a turn's first feed; token steps feed width 1
     running = [sum(len(record.turns) > turn for record in records) for turn in range(6)]
-    assert rows_per_turn == [count for count in running if count]
+    assert rows_per_turn == [2] + [count for count in running[1:] if count]
     assert [record.termination for record in records[:2]] == ["won", "won"], "the coin was in the first room"
     assert running[-1] < running[0], "the won episodes should stop consuming compute"
+
+
+def test_a_groups_shared_prompt_is_encoded_once_and_its_episodes_sample_apart(trained, tokenizer, pool):
+    """Two groups of two start from two prompts: the first forward encodes two rows, and each episode then
+    samples on its own (same prompt, different turns)."""
+    records, shapes = _played_with_forward_shapes(trained, tokenizer, pool, SamplingConfig(temperature=1.0,
+                                                                                          max_new_tokens=24), 2,
+                                                  _specs(4, group_size=2))
+    assert shapes[0][0] == 2
+    for group in range(2):
+        members = records[2 * group:2 * group + 2]
+        assert len({tuple(record.turns[0].context_token_ids) for record in members}) == 1
+        assert len({tuple(tuple(turn.generated_token_ids) for turn in record.turns) for record in members}) > 1
 
 
 def test_rows_that_ended_their_turn_leave_the_decode_batch(trained, tokenizer, pool):

@@ -1,22 +1,21 @@
-"""The rollout engine's KV cache against transformers' own DynamicCache, on a real (tiny) Qwen2 model.
+"""The rollout engine's KV cache and forward pass against transformers' own, on a real (tiny) Qwen2 model.
 
 Whatever the engine does to its cache (grow it in place, hand rows to a sub-batch and take them back, squeeze out
-holes, read shared heads in place), the next-token logits must be those of the plain DynamicCache run fed the same
-tokens. Tolerance 1e-5 absolute: only float summation order may differ.
+holes), the next-token logits must be those of the plain DynamicCache run fed the same
+tokens. The engine's own forward (cached_forward.py) must give transformers' logits and cache contents.
+Tolerance 1e-5 absolute: only float summation order may differ.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from dypo.stages.cached_forward import check_supported, forward_block
 from dypo.stages.kv_cache import (
     GrowingLayer,
     compact_columns,
-    grouped_query_sdpa,
     growing_cache,
     put_rows,
     take_rows,
@@ -133,35 +132,6 @@ def test_compact_columns_keeps_each_rows_tokens_in_order() -> None:
     assert mask.gather(1, compact_columns(mask)).tolist() == [[0, 1, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1]]
 
 
-def test_grouped_query_sdpa_reads_shared_heads_in_place_with_equal_outputs(model) -> None:
-    ids = torch.randint(1, VOCAB, (3, 12), generator=torch.Generator().manual_seed(4))
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0
-    repeats = []
-    import transformers.integrations.sdpa_attention as sdpa
-
-    original = sdpa.repeat_kv
-
-    def counting(*args, **kwargs):
-        repeats.append(1)
-        return original(*args, **kwargs)
-
-    sdpa.repeat_kv = counting
-    try:
-        with torch.no_grad():
-            plain = model(input_ids=ids, attention_mask=mask).logits
-            assert repeats, "the default sdpa path repeats the shared key/value heads"
-            repeats.clear()
-            saved = os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
-            with grouped_query_sdpa():
-                grouped = model(input_ids=ids, attention_mask=mask).logits
-            assert os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") == saved
-    finally:
-        sdpa.repeat_kv = original
-    assert not repeats
-    torch.testing.assert_close(grouped[mask.bool()], plain[mask.bool()], rtol=0, atol=ATOL)
-
-
 def test_growing_layer_refuses_what_it_does_not_support() -> None:
     layer = GrowingLayer()
     layer.update(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
@@ -169,3 +139,48 @@ def test_growing_layer_refuses_what_it_does_not_support() -> None:
                  lambda: layer.reorder_cache(torch.tensor([0]))):
         with pytest.raises(NotImplementedError, match="rollout engine"):
             call()
+
+
+def test_the_engines_forward_gives_transformers_logits_and_cache(model) -> None:
+    """A left-padded prompt, decode steps where rows wait (holes), then a turn's left-padded chunk on top of the
+    cache: every row whose last column is real gets transformers' logits, the others zeros, and the cache holds
+    transformers' keys and values."""
+    lengths = torch.tensor([3, 5, 1, 2])
+    chunk_mask = (torch.arange(5)[None, :] >= 5 - lengths[:, None]).long()
+    chunk = torch.randint(1, VOCAB, (4, 5), generator=torch.Generator().manual_seed(6))
+    steps = [*blocks(4, seed=5), (chunk, chunk_mask)]
+    reference, ours = DynamicCache(config=model.config), growing_cache()
+    mask_r = mask_o = torch.zeros((4, 0), dtype=torch.long)
+    pos_r = pos_o = torch.zeros(4, dtype=torch.long)
+    for input_ids, mask in steps:
+        expected, mask_r, pos_r = feed(model, reference, mask_r, pos_r, input_ids, mask)
+        position_ids = pos_o[:, None] + (mask.cumsum(-1) - 1).clamp(min=0)
+        mask_o, pos_o = torch.cat([mask_o, mask], dim=-1), pos_o + mask.sum(-1)
+        got = forward_block(model, ours, input_ids, mask, position_ids, mask_o)
+        fed = mask[:, -1].bool()
+        torch.testing.assert_close(got[fed], expected[fed], rtol=0, atol=ATOL)
+        assert not got[~fed].any()
+    real = mask_o.bool()
+    for mine, theirs in zip(ours.layers, reference.layers, strict=True):
+        for got, expected in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+            torch.testing.assert_close(got.transpose(1, 2)[real], expected.transpose(1, 2)[real], rtol=0,
+                                       atol=ATOL)
+
+
+def test_the_engines_forward_refuses_a_wide_block_that_is_not_left_padded(model) -> None:
+    mask = torch.tensor([[1, 0, 1]])
+    with pytest.raises(ValueError, match="suffix"):
+        forward_block(model, growing_cache(), torch.ones((1, 3), dtype=torch.long), mask,
+                      torch.tensor([[0, 0, 1]]), mask)
+
+
+def test_the_engines_forward_refuses_models_it_would_compute_differently() -> None:
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(TypeError, match="Qwen2ForCausalLM"):
+        check_supported(llama)
+    windowed = Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                            use_sliding_window=True, sliding_window=8, max_window_layers=1))
+    with pytest.raises(ValueError, match="use_sliding_window=false"):
+        check_supported(windowed)
