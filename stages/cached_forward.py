@@ -1,19 +1,18 @@
 """The rollout engine's forward pass: the policy's own modules, run over real tokens only and the batch's KV cache.
 
 A turn's first feed is a block of every row's new context piece, left-padded to the longest; in a batch of game
-episodes the pieces differ a lot (a room description against a one-line "invalid format" note), and padding
-was over half of what a turn fed. transformers' forward runs every layer on the padded block and builds a
-[rows, 1, width, columns] mask on each call. This forward keeps the block's real tokens in one flat
-[tokens, hidden] tensor through the embedding, norms, projections, rotary embedding and MLP, so those cost
-what the real tokens cost; only attention, whose queries must meet each row's own cache, sees the padded
-layout, and padding queries are dropped right after it. Only the rows' last positions go through the output
-head. On a decode step (one token per row) this also skips most of transformers' per-call work, which at a
-few rows per step cost more than the step's arithmetic.
+episodes the pieces differ a lot (a room description against a one-line "invalid format" note), and padding was
+about 40% of what a turn fed on the benchmark's batch. transformers' forward runs every layer on the padded block
+and builds a [rows, 1, width, columns] mask on each call. This forward keeps the block's real tokens in one flat
+[tokens, hidden] tensor through the embedding, norms, projections, rotary embedding and MLP, so those cost what
+the real tokens cost; only attention, whose queries must meet each row's own cache, sees the padded layout, and
+padding queries are dropped right after it. Only the rows' last positions go through the output head. On a
+decode step (one token per row) it also skips transformers' per-call mask building.
 
-It calls the model's own layers (projections, norms, rotary embedding, MLP) and torch's sdpa, so the weights,
-rotary variant and numerics are the model's; tests/test_cached_forward.py checks the logits and the cache
-against transformers' forward. It supports the architecture the pipeline loads (Qwen2, full attention on
-every layer) and refuses anything else instead of computing something different.
+It calls the model's own layers (projections, norms, rotary embedding, MLP), so the weights, rotary variant and
+numerics are the model's; tests/test_kv_cache.py checks the logits and the cache against transformers' forward.
+It supports the architecture the pipeline loads (Qwen2, full attention on every layer) and refuses anything else
+instead of computing something different.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ def check_supported(model: PreTrainedModel) -> None:
                          f"layer_types {sorted(kinds)}; set use_sliding_window=false in its config.json")
 
 
-def block_bias(attention_mask: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+def _block_bias(attention_mask: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
     """The [rows, 1, width, columns] additive attention mask (0 or -inf) of a block that fills the last `width`
     columns: query i of the block sees every real column up to and including its own.
 
@@ -55,8 +54,8 @@ def _attend_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
     `query` [tokens, heads, head_dim] holds the real tokens row after row, `lengths` how many each row has;
     `keys`, `values` [rows, kv_heads, columns, head_dim] and `bias` [rows, 1, width, columns] are the padded
-    layout. A row's queries are its last lengths[r] positions, so no padding query is computed: over half of a
-    typical turn's block is padding, and attention is most of a block's cost.
+    layout. A row's queries are its last lengths[r] positions, so no padding query is computed: attention is
+    most of a turn's first block's cost, and 37-64% of such a block was padding in the benchmark's batches.
     """
     out = torch.empty_like(query)
     start = 0
@@ -78,8 +77,8 @@ def _attend_one_step(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 
     A decode step reads every cached key and value once and does little arithmetic on them, so its speed is
     memory bandwidth. The query heads that share a key/value head are stacked into one matrix against that
-    head's keys, which reads each key once per shared head group; sdpa's CPU kernel, built for blocks of
-    queries, was a third slower here (tests check the two agree).
+    head's keys, so each key is read once for all of them; sdpa's CPU kernel, built for blocks of queries, made
+    a decode step 10-20% slower here.
     """
     rows, kv_heads = keys.shape[:2]
     grouped = query.new_zeros((rows, query.shape[1], query.shape[2])).index_copy_(0, real, query)
@@ -111,7 +110,7 @@ def forward_block(model: Qwen2ForCausalLM, cache: Cache, input_ids: torch.Tensor
     hidden = model.model.embed_tokens(input_ids.reshape(-1)[real])  # [tokens, hidden]
     cos, sin = model.model.rotary_emb(hidden, positions[None])
     cos, sin = cos[0], sin[0]  # [tokens, head_dim]
-    bias = block_bias(attention_mask, width, hidden.dtype)
+    bias = _block_bias(attention_mask, width, hidden.dtype)
 
     def padded(states: torch.Tensor) -> torch.Tensor:
         """[tokens, heads, head_dim] → [rows, heads, width, head_dim], holes zero (their keys are masked)."""
