@@ -1,9 +1,9 @@
 """The rollout engine's KV cache and forward pass against transformers' own, on a real (tiny) Qwen2 model.
 
 Whatever the engine does to its cache (grow it in place, hand rows to a sub-batch and take them back, squeeze out
-holes), the next-token logits must be those of the plain DynamicCache run fed the same
-tokens. The engine's own forward (cached_forward.py) must give transformers' logits and cache contents.
-Tolerance 1e-5 absolute: only float summation order may differ.
+holes), the next-token logits must be those of the plain DynamicCache run fed the same tokens, and the engine's
+own forward (cached_forward.py) must give transformers' logits and cache contents. Tolerance 1e-5 absolute: only
+float summation order may differ.
 """
 
 from __future__ import annotations
