@@ -138,7 +138,9 @@ def main() -> None:
     model, tokenizer = policy.model, policy.tokenizer
     with EnvPool(config.env, batch_episodes) as pool:
         pool.sessions(batch_episodes)  # start every game worker (a JVM each) before the clocks run
-        batched(model, tokenizer, specs[:2], pool, sampling, rules, 2, args.seed)  # warm-up: first calls
+        # warm-up: every game worker's JVM plays an episode (the sequential loop's worker then has too) and the
+        # allocator grows to a full batch once, as it does on a rollout stage's first batch of many
+        batched(model, tokenizer, specs[:batch_episodes], pool, sampling, rules, batch_episodes, args.seed)
         before = batched(model, tokenizer, specs, pool, sampling, rules, batch_episodes, args.seed)
         print(f"batched engine (1st run):  {before.describe()}", flush=True)
         one_by_one = sequential(model, tokenizer, specs, pool.sessions(1)[0], sampling, rules, args.seed)
