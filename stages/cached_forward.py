@@ -111,6 +111,7 @@ def forward_block(model: Qwen2ForCausalLM, cache: Cache, input_ids: torch.Tensor
     cos, sin = model.model.rotary_emb(hidden, positions[None])
     cos, sin = cos[0], sin[0]  # [tokens, head_dim]
     bias = _block_bias(attention_mask, width, hidden.dtype)
+    row_lengths = lengths.tolist()  # the per-row attention loop's bounds, the same for every layer
 
     def padded(states: torch.Tensor) -> torch.Tensor:
         """[tokens, heads, head_dim] → [rows, heads, width, head_dim], holes zero (their keys are masked)."""
@@ -127,7 +128,7 @@ def forward_block(model: Qwen2ForCausalLM, cache: Cache, input_ids: torch.Tensor
         query, key = apply_rotary_pos_emb(query, key, cos, sin, unsqueeze_dim=1)
         keys, values = cache.update(padded(key), padded(value), layer_index)
         if width > 1:
-            attended = _attend_rows(query, keys, values, bias, lengths.tolist(), attention.scaling)
+            attended = _attend_rows(query, keys, values, bias, row_lengths, attention.scaling)
         else:
             attended = _attend_one_step(query, keys, values, bias, real, attention.scaling)
         hidden = hidden + attention.o_proj(attended.reshape(len(real), -1))

@@ -55,9 +55,10 @@ def corpus(prompt: str, games: list[list[ExpertTurn]]) -> list[str]:
 def warmstart(ctx: RunContext, iteration: int = 0, force: bool = False) -> StageOutcome:
     if iteration != 0:
         raise ValueError(f"warmstart is iteration 0 of a run, got --iter {iteration}")
-    if launch_world_size() > 1:  # every rank would build, train and commit its own policy
+    ranks = launch_world_size()
+    if ranks > 1:  # every rank would build, train and commit its own policy
         raise ValueError(f"warmstart runs as one process (it builds the small policy from scratch), but this is "
-                         f"one of {launch_world_size()} ranks of a distributed launch: run `dypo stage warmstart` "
+                         f"one of {ranks} ranks of a distributed launch: run `dypo stage warmstart` "
                          "without torchrun (only optimize runs data-parallel)")
     cfg = ctx.config
     digest = input_digest("warmstart", cfg.section("run", "env", "model", "warmstart", "optimize"), [], {})
