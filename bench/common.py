@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from dypo.stages.config import Config, load_config
 from dypo.stages.conversation import expert_sequence
@@ -87,6 +88,56 @@ def _warm_start(config: Config, seed: int) -> tuple[Qwen2ForCausalLM, PreTrained
         if step in (0, SFT_STEPS - 1):
             print(f"warm start: step {step + 1}/{SFT_STEPS}, SFT loss {loss.item():.3f}", flush=True)
     return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def widened(model: Qwen2ForCausalLM, factor: int, num_layers: int) -> Qwen2ForCausalLM:
+    """A Qwen2 model `factor` times as wide and `num_layers` deep that computes exactly `model`'s function.
+
+    For measuring an engine at a realistic policy size without training one: the wide model plays the same
+    episodes (same turn lengths) as `model` while every forward costs what a model of its size costs. Widths grow
+    by adding heads (head_dim kept), MLP channels and hidden channels whose weights are zero, so the added hidden
+    channels stay zero through the residual stream; the norms' weights and eps are rescaled so that RMS over the
+    wider hidden state equals RMS over the original; added layers have zero output projections, so they add
+    their cost and nothing else.
+    """
+    source = model.config
+    if num_layers < source.num_hidden_layers or factor < 1:
+        raise ValueError(f"widened() only grows a model: factor {factor} >= 1, num_layers {num_layers} >= "
+                         f"{source.num_hidden_layers}")
+    hidden, wide = source.hidden_size, source.hidden_size * factor
+    config = Qwen2Config(**{**source.to_dict(), "hidden_size": wide, "num_hidden_layers": num_layers,
+                            "num_attention_heads": source.num_attention_heads * factor,
+                            "num_key_value_heads": source.num_key_value_heads * factor,
+                            "intermediate_size": source.intermediate_size * factor,
+                            "head_dim": source.hidden_size // source.num_attention_heads,
+                            "rms_norm_eps": source.rms_norm_eps * hidden / wide, "layer_types": None})
+    big = Qwen2ForCausalLM(config)
+    for parameter in big.parameters():
+        parameter.zero_()
+    norm_scale = math.sqrt(hidden / wide)  # RMS over `wide` channels of which only `hidden` are non-zero
+
+    def copy_into(target: torch.nn.Module, original: torch.nn.Module) -> None:
+        for name, tensor in original.named_parameters():
+            getattr(target, name)[tuple(slice(0, size) for size in tensor.shape)] = tensor
+
+    big.model.embed_tokens.weight[:, :hidden] = model.model.embed_tokens.weight
+    for index, layer in enumerate(big.model.layers):
+        layer.input_layernorm.weight.fill_(norm_scale)
+        layer.post_attention_layernorm.weight.fill_(norm_scale)
+        if index >= source.num_hidden_layers:
+            continue
+        original = model.model.layers[index]
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            copy_into(getattr(layer.self_attn, name), getattr(original.self_attn, name))
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            copy_into(getattr(layer.mlp, name), getattr(original.mlp, name))
+        layer.input_layernorm.weight[:hidden] *= original.input_layernorm.weight
+        layer.post_attention_layernorm.weight[:hidden] *= original.post_attention_layernorm.weight
+    big.model.norm.weight.fill_(norm_scale)
+    big.model.norm.weight[:hidden] *= model.model.norm.weight
+    big.generation_config = model.generation_config
+    return big.eval()
 
 
 def use_threads(threads: int) -> None:

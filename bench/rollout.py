@@ -12,7 +12,13 @@ The batched engine runs before and after the sequential loop and its two rates a
 machine's load during the run falls on both sides. The two loops sample differently, so their episodes differ;
 the per-turn and per-episode token counts are printed to show the workloads match.
 
-    .venv/bin/python -m bench.rollout [--quick]
+The work each side does is printed too (positions the model ran its layers on, per generated token): the
+sequential loop re-encodes the history every turn, and that saved work is a ceiling on the speedup wherever both
+sides run at the hardware's arithmetic limit, as on a CPU (see docs/benchmarks.md). `--widen 4 --layers 8` plays
+the same episodes with a 25M-parameter copy of the policy, to see the ratio at a size where layers, not per-op
+overhead, dominate.
+
+    .venv/bin/python -m bench.rollout [--quick] [--threads N] [--widen FACTOR --layers N]
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from bench.common import load_note, use_threads, warm_policy
+from bench.common import load_note, use_threads, warm_policy, widened
 from dypo.stages.config import SamplingConfig
 from dypo.stages.conversation import observation_ids, prompt_ids
 from dypo.stages.environments import EnvPool, GameSession, get_family
@@ -48,6 +54,7 @@ class Played:
     turns: int
     generated_tokens: int
     malformed_turns: int
+    fed_tokens: int  # positions the model ran its layers on: prompts and observations fed, and decode steps
     seconds: float
 
     @property
@@ -57,7 +64,8 @@ class Played:
     def describe(self) -> str:
         return (f"{self.generated_tokens} tokens in {self.seconds:.1f} s = {self.tokens_per_s:.1f} tokens/s; "
                 f"{self.turns / self.episodes:.2f} turns/episode, {self.generated_tokens / self.turns:.1f} "
-                f"tokens/turn, {self.malformed_turns / self.turns:.0%} malformed")
+                f"tokens/turn, {self.malformed_turns / self.turns:.0%} malformed, "
+                f"{self.fed_tokens / self.generated_tokens:.1f} positions fed per generated token")
 
 
 def batched(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, specs: list[EpisodeSpec], pool: EnvPool,
@@ -66,8 +74,11 @@ def batched(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, specs: l
     records = play_episodes(model, tokenizer, specs, pool, sampling, rules, batch_episodes, seed)
     seconds = time.perf_counter() - started
     turns = [turn for record in records for turn in record.turns]
-    return Played(len(records), len(turns), sum(len(t.generated_token_ids) for t in turns),
-                  sum(t.malformed for t in turns), seconds)
+    generated = sum(len(t.generated_token_ids) for t in turns)
+    # a turn's last token is fed with the next turn's context (so an episode's very last token never is);
+    # a group's shared prompt counts once per episode here, although the engine encodes it once per batch
+    fed = sum(len(t.context_token_ids) for t in turns) + generated - len(records)
+    return Played(len(records), len(turns), generated, sum(t.malformed for t in turns), fed, seconds)
 
 
 @torch.inference_mode()
@@ -81,7 +92,7 @@ def sequential(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, specs
     sample = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p} \
         if sampling.temperature > 0 else {"do_sample": False}
     started = time.perf_counter()
-    turns = generated = malformed = 0
+    turns = generated = malformed = fed = 0
     for spec in specs:
         observation, _ = bounded_observation(session.reset(spec.task), rules.max_observation_chars)
         context = prompt_ids(tokenizer, rules.system_prompt, observation)
@@ -94,6 +105,7 @@ def sequential(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, specs
                                     pad_token_id=tokenizer.pad_token_id, **sample)
             tokens = output[0, len(context):].tolist()
             turns, generated = turns + 1, generated + len(tokens)
+            fed += len(context) + len(tokens) - 1  # the whole history again, then one step per new token but the last
             text = tokenizer.decode(tokens, skip_special_tokens=False)
             admissible = session.admissible_commands() if rules.check_admissible else None
             parsed = parse_turn(text, budget_exhausted=tokens[-1] not in stops, admissible=admissible)
@@ -112,7 +124,7 @@ def sequential(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, specs
                 break
             observation, _ = bounded_observation(feedback, rules.max_observation_chars)
             context = context + tokens + observation_ids(tokenizer, observation)
-    return Played(len(specs), turns, generated, malformed, time.perf_counter() - started)
+    return Played(len(specs), turns, generated, malformed, fed, time.perf_counter() - started)
 
 
 def main() -> None:
@@ -120,6 +132,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer episodes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see common.use_threads)")
+    parser.add_argument("--widen", type=int, default=1, metavar="FACTOR",
+                        help="play with the warm policy widened FACTOR times (same episodes, see common.widened)")
+    parser.add_argument("--layers", type=int, default=None, help="with --widen: layers of the widened policy")
     args = parser.parse_args()
     use_threads(args.threads)
     hf_logging.set_verbosity_error()  # generate() warns about generation-config defaults on every call
@@ -136,6 +151,9 @@ def main() -> None:
           f"sampling T={sampling.temperature} top_p={sampling.top_p} max_new_tokens={sampling.max_new_tokens}, "
           f"max_turns={rules.max_turns}, batch_episodes={batch_episodes}", flush=True)
     model, tokenizer = policy.model, policy.tokenizer
+    if args.widen > 1 or args.layers is not None:
+        model = widened(model, args.widen, args.layers or model.config.num_hidden_layers)
+    print(f"policy of {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters", flush=True)
     with EnvPool(config.env, batch_episodes) as pool:
         pool.sessions(batch_episodes)  # start every game worker (a JVM each) before the clocks run
         # warm-up: every game worker's JVM plays an episode (the sequential loop's worker then has too) and the
@@ -148,6 +166,8 @@ def main() -> None:
         after = batched(model, tokenizer, specs, pool, sampling, rules, batch_episodes, args.seed)
         print(f"batched engine (2nd run):  {after.describe()}", flush=True)
     speedup = (before.tokens_per_s + after.tokens_per_s) / 2 / one_by_one.tokens_per_s
+    work = (one_by_one.fed_tokens / one_by_one.generated_tokens) / (after.fed_tokens / after.generated_tokens)
+    print(f"work the KV cache saves: the sequential loop feeds {work:.1f}x the positions per generated token")
     print(f"{load_note()}; torch threads {torch.get_num_threads()}")
     print(f"rollout_speedup: {speedup:.2f}")
 
