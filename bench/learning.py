@@ -47,10 +47,11 @@ VARIANTS: dict[str, list[str]] = {
     "per-turn": ["--set", "optimize.sample_form=per_turn"],
     "grpo": ["--preset", "grpo"],
 }
-# --quick: one short run on small draws, to check the whole path in about a minute
-QUICK_OVERRIDES = ["warmstart.expert_tasks=64", "warmstart.steps=30", "model.tokenizer_corpus_tasks=64",
-                   "rollout.groups=4", "rollout.group_size=4", "filter.target_groups=2", "filter.max_extra_draws=1",
-                   "evaluate.tasks=16"]
+# The CI-sized budget (--quick, and tests/test_learning.py): a shorter warmstart that still wins some held-out
+# games, and small draws.
+CI_OVERRIDES = ["warmstart.expert_tasks=96", "warmstart.steps=100", "model.tokenizer_corpus_tasks=96",
+                "rollout.groups=4", "rollout.group_size=4", "filter.target_groups=2", "filter.max_extra_draws=1",
+                "evaluate.tasks=16"]
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ def summary_table(points: list[CurvePoint]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, one iteration, small draws")
+    parser.add_argument("--quick", action="store_true", help="one seed, two iterations, the CI budget")
     parser.add_argument("--config", type=Path, default=PROJECT / "configs" / "tiny-cpu.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -167,7 +168,7 @@ def main() -> None:
     iterations = args.iterations or load_config(args.config).run.iterations
     seeds, variants, extra = args.seeds, args.variants, []
     if args.quick:
-        seeds, variants, iterations, extra = seeds[:1], ["dypo"], 1, QUICK_OVERRIDES
+        seeds, variants, iterations, extra = seeds[:1], ["dypo"], 2, CI_OVERRIDES
     runs = args.runs / ("quick" if args.quick else args.config.stem)
     out = args.out or (runs if args.quick else PROJECT / "docs" / "img") / f"learning-{args.config.stem}"
     runs.mkdir(parents=True, exist_ok=True)
