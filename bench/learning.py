@@ -15,11 +15,11 @@ Variants (each one flag away from the default, see configs/presets/):
 - per-turn: one sample per turn instead of one sequence per episode;
 - grpo: the GRPO preset (KL on, no rejection, no resampling).
 
-Writes `<out>/curves.csv` (one row per run and iteration), `<out>/learning.png` (mean ± std over seeds) and
-prints the summary table (final success, area under the curve, wall time) as Markdown.
+Writes `<out>.csv` (one row per run and iteration) and `<out>.png` (mean ± std over seeds), and prints the
+summary table (final success, area under the curve, wall time) as Markdown.
 
     .venv/bin/python -m bench.learning [--quick] [--config configs/tiny-cpu.yaml] [--seeds 0 1 2]
-        [--variants dypo kl-on ...] [--iterations N] [--out docs/img/learning-twx-coin]
+        [--variants dypo kl-on ...] [--iterations N] [--out docs/img/learning-tiny-cpu]
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ VARIANTS: dict[str, list[str]] = {
     "per-turn": ["--set", "optimize.sample_form=per_turn"],
     "grpo": ["--preset", "grpo"],
 }
-# The CI-sized budget (--quick, and tests/test_learning.py): a shorter warmstart that still wins some held-out
-# games, and small draws.
+# The CI-sized budget of --quick (and of the CI learning check to come, see docs/learning.md): a shorter
+# warmstart that still wins some held-out games (6 of 16 here), and small draws.
 CI_OVERRIDES = ["warmstart.expert_tasks=96", "warmstart.steps=100", "model.tokenizer_corpus_tasks=96",
                 "rollout.groups=4", "rollout.group_size=4", "filter.target_groups=2", "filter.max_extra_draws=1",
                 "evaluate.tasks=16"]
