@@ -61,7 +61,9 @@ TURNS = TableSpec("turns", "1.1", pa.schema([
     pa.field("context_reset", pa.bool_()),
 ]))
 
-EPISODES = TableSpec("episodes", "1.0", pa.schema([
+# 1.1: `format_error_turns` added: the malformed turns that broke the turn format (not_admissible excluded).
+# Null in 1.0 files, where readers take every malformed turn as a format error.
+EPISODES = TableSpec("episodes", "1.1", pa.schema([
     *_EPISODE_KEYS,
     pa.field("draw", pa.int32(), nullable=False),
     pa.field("task_type", pa.string()),
@@ -76,6 +78,7 @@ EPISODES = TableSpec("episodes", "1.0", pa.schema([
     pa.field("total_tokens", pa.int32(), nullable=False),
     pa.field("termination", pa.string(), nullable=False),
     pa.field("error", pa.string()),
+    pa.field("format_error_turns", pa.int32()),
 ]))
 
 BATCH = TableSpec("batch", "1.0", pa.schema([

@@ -132,7 +132,7 @@ def write_episodes(writer: StageWriter, ctx: RunContext, iteration: int, draw: i
             **keys, "draw": draw, "task_type": spec.task.task_type, "split": spec.task.split,
             "seed": spec.task.seed, "return": episode_return(record, ctx.config.rollout), "success": record.won,
             "score": record.score, "turns": len(record.turns), "malformed_turns": record.malformed_turns,
-            "generated_tokens": generated,
+            "format_error_turns": record.format_error_turns, "generated_tokens": generated,
             "total_tokens": generated + sum(len(t.context_token_ids) for t in record.turns),
             "termination": record.termination, "error": record.error,
         })

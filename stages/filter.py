@@ -1,10 +1,10 @@
 """Stage `filter`: rejection sampling over every rollout draw of an iteration (DESIGN.md §1.4).
 
-Episodes are rejected first on their own (engine failure or timeout, over-generation: too many malformed turns or
-a runaway length), then whole groups: a group whose surviving returns are all equal has zero advantage everywhere
-and teaches nothing (kept, with zero advantage, only when `reject_zero_variance` is off, as plain GRPO does).
-Accepted groups are taken in draw order up to the target; `batch.parquet` keeps every episode with the reason it
-was kept or dropped, and its advantage when kept. When the batch is short, the flow draws an
+Episodes are rejected first on their own (engine failure or timeout, over-generation: too many turns that break
+the turn format, or a runaway length), then whole groups: a group whose surviving returns are all equal has zero
+advantage everywhere and teaches nothing (kept, with zero advantage, only when `reject_zero_variance` is off, as
+plain GRPO does). Accepted groups are taken in draw order up to the target; `batch.parquet` keeps every episode
+with the reason it was kept or dropped, and its advantage when kept. When the batch is short, the flow draws an
 auxiliary rollout and runs this stage again over all draws.
 """
 
@@ -56,9 +56,18 @@ def committed_draws(ctx: RunContext, iteration: int) -> list[CommittedStage]:
 
 
 def episode_reason(row: dict, max_malformed_fraction: float, max_tokens: int) -> Reason | None:
+    """Why an episode is unusable on its own, or None.
+
+    Over-generation counts only turns that broke the format. A well-formed but inadmissible command is the
+    policy's own mistake, which the episode's return already penalizes: rejecting the episodes that make many of
+    them would hide exactly the failures the update must push down (and keep the winners that made them too).
+    """
     if row["termination"] in (Reason.ENV_ERROR, Reason.ENV_TIMEOUT):
         return Reason(row["termination"])
-    if row["malformed_turns"] > max_malformed_fraction * max(row["turns"], 1):
+    format_errors = row.get("format_error_turns")
+    if format_errors is None:  # an episodes.parquet 1.0 row: every malformed turn counted as a format error
+        format_errors = row["malformed_turns"]
+    if format_errors > max_malformed_fraction * max(row["turns"], 1):
         return Reason.MALFORMED
     if row["total_tokens"] > max_tokens:
         return Reason.TOO_LONG

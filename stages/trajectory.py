@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dypo.stages.turn_format import MalformedReason
+
+NOT_ADMISSIBLE = MalformedReason.NOT_ADMISSIBLE.value
+
 
 @dataclass(frozen=True)
 class Task:
@@ -62,3 +66,9 @@ class EpisodeRecord:
     @property
     def malformed_turns(self) -> int:
         return sum(turn.malformed for turn in self.turns)
+
+    @property
+    def format_error_turns(self) -> int:
+        """Malformed turns that broke the turn format (tags, token budget), as opposed to a well-formed command
+        the game cannot execute: the filter's over-generation rule counts only these."""
+        return sum(turn.malformed and turn.malformed_reason != NOT_ADMISSIBLE for turn in self.turns)

@@ -6,9 +6,11 @@ from dypo.stages.config import FilterConfig
 from dypo.stages.filter import select
 
 
-def episode(group, index, ret, draw=0, turns=4, malformed=0, tokens=500, termination="won"):
+def episode(group, index, ret, draw=0, turns=4, malformed=0, tokens=500, termination="won", format_errors=None):
+    """An episodes.parquet row; its malformed turns all break the format unless format_errors says fewer do."""
     return {"run": "r", "iteration": 1, "task_id": f"t-{group}", "group_id": group, "episode_id": f"{group}-{index}",
-            "draw": draw, "return": ret, "turns": turns, "malformed_turns": malformed, "total_tokens": tokens,
+            "draw": draw, "return": ret, "turns": turns, "malformed_turns": malformed,
+            "format_error_turns": malformed if format_errors is None else format_errors, "total_tokens": tokens,
             "termination": termination}
 
 
@@ -36,6 +38,22 @@ def test_over_generation_and_engine_failures_are_rejected_per_episode():
     assert reasons(rows) == {"g-0": "accepted", "g-1": "accepted", "g-2": "malformed_fraction",
                              "g-3": "too_long", "g-4": "env_error", "g-5": "env_timeout"}
     assert [r["accepted"] for r in rows] == [True, True, False, False, False, False]
+
+
+def test_inadmissible_commands_do_not_count_as_over_generation():
+    """An episode that loses by saying commands the game cannot run is kept, so its negative advantage trains."""
+    rows = select([episode("g", 0, 1.0), episode("g", 1, -0.4, malformed=4, turns=4, format_errors=0),
+                   episode("g", 2, -0.3, malformed=3, turns=4, format_errors=3)],
+                  FilterConfig(target_groups=1, max_extra_draws=0, max_malformed_fraction=0.5), last_draw=True)
+    assert reasons(rows) == {"g-0": "accepted", "g-1": "accepted", "g-2": "malformed_fraction"}
+    assert [r["advantage"] < 0 for r in rows if r["accepted"]] == [False, True]
+
+
+def test_a_version_1_0_episode_row_counts_every_malformed_turn():
+    old = {k: v for k, v in episode("g", 2, 0.0, malformed=3, turns=4).items() if k != "format_error_turns"}
+    rows = select([episode("g", 0, 1.0), episode("g", 1, 0.0), old],
+                  FilterConfig(target_groups=1, max_extra_draws=0, max_malformed_fraction=0.5), last_draw=True)
+    assert reasons(rows)["g-2"] == "malformed_fraction"
 
 
 def test_without_zero_variance_rejection_an_all_equal_group_is_kept_with_zero_advantage():

@@ -83,6 +83,10 @@ def test_local_run_commits_every_stage_with_valid_artifacts(local_run):
     assert len(episodes) == 6 and {e["split"] for e in episodes} == {"train"}
     assert all(t["observation"] and t["generated_token_ids"] and t["context_token_ids"] for t in turns)
     assert {t["episode_id"] for t in turns} == {e["episode_id"] for e in episodes}
+    for e in episodes:
+        own = [t for t in turns if t["episode_id"] == e["episode_id"]]
+        assert e["malformed_turns"] == sum(t["malformed"] for t in own)
+        assert e["format_error_turns"] == sum(t["malformed"] and t["malformed_reason"] != "not_admissible" for t in own)
     batch = store.read_table("iter-000001/filter/batch.parquet", BATCH).to_pylist()
     auxiliary = store.read_table("iter-000001/rollout-aux-01/episodes.parquet", EPISODES).to_pylist()
     assert {e["task_id"] for e in auxiliary}.isdisjoint(e["task_id"] for e in episodes), "fresh tasks expected"
