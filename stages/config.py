@@ -265,6 +265,9 @@ class OptimizeConfig(Section):
     sample_form: Literal["trajectory", "per_turn"] = Field(
         "trajectory", description="one sequence per episode, or one sample per turn with its context as prompt")
     mask_observations: bool = Field(True, description="observation tokens carry no loss (off only as an ablation)")
+    loss_aggregation: Literal["token_mean", "sample_mean"] = Field(
+        "token_mean", description="token_mean: every generated token of an update weighs the same (DAPO); "
+        "sample_mean: every sample weighs the same (GRPO), so long losing episodes cannot outweigh short wins")
     kl_coef: float = Field(
         0.0, ge=0, description="KL penalty to the frozen warmstart policy; 0 = none and no reference in memory")
 

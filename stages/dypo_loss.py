@@ -41,6 +41,24 @@ def group_advantages(returns: Sequence[float], group_ids: Sequence[str], std_nor
     return advantages
 
 
+def aggregation_weights(num_loss_tokens: Sequence[int], aggregation: str) -> list[float]:
+    """Per-sample factors on the advantage that turn the loss's token-level mean into the chosen aggregation.
+
+    token_mean (DAPO): every generated token of the update weighs 1/N, so a sample weighs its length. In
+    multi-turn play the losers are the long episodes (they run to max_turns), so their negative advantage
+    outweighs the short wins of their own group and the update mostly pushes down tokens both share.
+    sample_mean (GRPO's 1/|o_i| per sample, then a mean over the G samples): sample i's tokens weigh
+    1/(G |o_i|), i.e. the factor N/(G |o_i|) on its advantage, so each sample weighs its advantage alone and a
+    group's pushes up and down balance. The factors are positive, so they never change which clip binds.
+    """
+    if aggregation == "token_mean":
+        return [1.0] * len(num_loss_tokens)
+    if aggregation == "sample_mean":
+        total = sum(num_loss_tokens)
+        return [total / (len(num_loss_tokens) * count) if count else 0.0 for count in num_loss_tokens]
+    raise ValueError(f"unknown loss aggregation {aggregation!r}; use token_mean or sample_mean")
+
+
 def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
                    with_entropy: bool = False, temperature: float = 1.0) -> tuple[Tensor, Tensor | None]:
     """Log-probability of every token given its prefix, [batch, seq], aligned with `input_ids`.

@@ -17,7 +17,7 @@ import itertools
 import random
 import tempfile
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -36,7 +36,7 @@ from dypo.stages.commit import (
     require_committed,
 )
 from dypo.stages.context import RunContext
-from dypo.stages.dypo_loss import dypo_loss
+from dypo.stages.dypo_loss import aggregation_weights, dypo_loss
 from dypo.stages.packing import PackedBatch, packed_micro_batches, packed_token_logprobs
 from dypo.stages.policy import load_policy
 from dypo.stages.sequences import TrainingSequence, TurnTokens, episode_sequence, turn_samples
@@ -191,10 +191,14 @@ def update_policy(ctx: RunContext, iteration: int, filtered: CommittedStage, pol
             for start in range(0, len(indices), mini):
                 chosen = indices[start:start + mini]
                 total = sum(sequences[i].num_loss_tokens for i in chosen)
+                weights = aggregation_weights([sequences[i].num_loss_tokens for i in chosen], cfg.loss_aggregation)
+                weighted = list(sequences)
+                for i, weight in zip(chosen, weights, strict=True):
+                    weighted[i] = replace(sequences[i], advantage=sequences[i].advantage * weight)
                 chunks = [PolicyMicroBatch(packed, packed.place([old[i] for i in part]),
                                            None if ref is None else packed.place([ref[i] for i in part]),
                                            cfg.kl_coef, total, cfg.eps_low, cfg.eps_high, temperature)
-                          for part, packed in packed_micro_batches(sequences, chosen, cfg.micro_batch_tokens,
+                          for part, packed in packed_micro_batches(weighted, chosen, cfg.micro_batch_tokens,
                                                                    tokenizer.pad_token_id)]
                 stats = trainer.update(chunks, policy_loss)
                 rows.append({"run": ctx.run_name, "iteration": iteration, "update": len(rows),

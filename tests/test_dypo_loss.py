@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from dypo.stages.dypo_loss import dypo_loss, group_advantages, sft_loss, token_logprobs
+from dypo.stages.dypo_loss import aggregation_weights, dypo_loss, group_advantages, sft_loss, token_logprobs
 from dypo.stages.sequences import TrainingSequence, TurnTokens, collate, episode_sequence, turn_samples
 
 EPS_LOW, EPS_HIGH = 0.2, 0.28
@@ -102,6 +102,28 @@ def test_on_policy_loss_is_minus_mean_advantage_and_gradient_is_reinforce() -> N
     reinforce = -(advantages * logp * loss_mask).sum() / n
     (reinforce_grad,) = torch.autograd.grad(reinforce, logits)
     torch.testing.assert_close(dypo_grad, reinforce_grad, rtol=0, atol=1e-7)
+
+
+def test_sample_mean_weighs_each_sample_by_its_advantage_alone() -> None:
+    """GRPO's form: the mean over samples of each sample's token mean of the clipped surrogate."""
+    batch = two_episodes()
+    loss_mask = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)  # 2 tokens with A=+1, 1 with A=-0.5
+    episode_1 = (math.exp(0.1) + 1.28) / 2  # the second ratio, e^0.5, is clipped at 1.28
+    episode_2 = -0.5 * math.exp(0.2)
+    weights = aggregation_weights([2, 1], "sample_mean")
+    assert weights == [3 / 4, 3 / 2]
+    weighted = loss_mask * torch.tensor([[1.0 * weights[0]], [-0.5 * weights[1]]])
+    loss, _ = dypo_loss(batch["logp"], batch["logp_old"], weighted, loss_mask, EPS_LOW, EPS_HIGH, 3)
+    assert loss.item() == pytest.approx(-(episode_1 + episode_2) / 2, abs=1e-6)
+    assert aggregation_weights([2, 1], "token_mean") == [1.0, 1.0]
+    plain = loss_mask * torch.tensor([[1.0], [-0.5]])
+    token_mean, _ = dypo_loss(batch["logp"], batch["logp_old"], plain, loss_mask, EPS_LOW, EPS_HIGH, 3)
+    assert token_mean.item() == pytest.approx(-(2 * episode_1 + episode_2) / 3, abs=1e-6)
+
+
+def test_an_unknown_aggregation_is_refused() -> None:
+    with pytest.raises(ValueError, match="use token_mean or sample_mean"):
+        aggregation_weights([3], "sum")
 
 
 @pytest.mark.parametrize(("log_ratio", "advantage", "grad_is_zero"), [
