@@ -13,6 +13,7 @@ Variants (each one flag away from the default, see configs/presets/):
 - no-resampling: no auxiliary draws (filter.max_extra_draws 0);
 - no-std-norm: advantages centred but not divided by the group's std;
 - per-turn: one sample per turn instead of one sequence per episode;
+- token-mean: DAPO's token-level loss (every generated token weighs the same) instead of the per-episode mean;
 - grpo: the GRPO preset (KL on, no rejection, no resampling).
 
 Writes `<out>.csv` (one row per run and iteration) and `<out>.png` (mean ± std over seeds), and prints the
@@ -45,6 +46,7 @@ VARIANTS: dict[str, list[str]] = {
     "no-resampling": ["--set", "filter.max_extra_draws=0"],
     "no-std-norm": ["--set", "filter.std_normalize=false"],
     "per-turn": ["--set", "optimize.sample_form=per_turn"],
+    "token-mean": ["--set", "optimize.loss_aggregation=token_mean"],
     "grpo": ["--preset", "grpo"],
 }
 # The CI-sized budget of --quick (and of the CI learning check to come, see docs/learning.md): a shorter

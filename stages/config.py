@@ -224,7 +224,10 @@ class RolloutConfig(Section):
     reward: Literal["success", "score", "shaped"] = Field(
         "success", description="episode return: task success 0/1, the env's score, or success + shaping_weight*score")
     shaping_weight: float = Field(0.5, ge=0, description="weight of the env's score in the `shaped` return")
-    malformed_penalty: float = Field(0.1, ge=0, description="subtracted from the return per malformed turn")
+    malformed_penalty: float = Field(0.0, ge=0, description=(
+        "subtracted from the return per malformed turn; above 0, a group in which every episode fails still has "
+        "a spread of returns, which std normalisation scales up to a full advantage and zero-variance rejection "
+        "no longer catches"))
     check_admissible: bool = Field(
         True, description="an action outside the env's admissible commands (when it lists them) is malformed")
     on_malformed: Literal["skip", "noop"] = Field(
@@ -266,7 +269,7 @@ class OptimizeConfig(Section):
         "trajectory", description="one sequence per episode, or one sample per turn with its context as prompt")
     mask_observations: bool = Field(True, description="observation tokens carry no loss (off only as an ablation)")
     loss_aggregation: Literal["token_mean", "sample_mean"] = Field(
-        "token_mean", description="token_mean: every generated token of an update weighs the same (DAPO); "
+        "sample_mean", description="token_mean: every generated token of an update weighs the same (DAPO); "
         "sample_mean: every sample weighs the same (GRPO), so long losing episodes cannot outweigh short wins")
     kl_coef: float = Field(
         0.0, ge=0, description="KL penalty to the frozen warmstart policy; 0 = none and no reference in memory")

@@ -105,6 +105,7 @@ def test_grpo_has_a_kl_term_and_no_resampling_and_dapo_clips_higher():
     assert grpo.optimize.kl_coef > 0 and grpo.filter.max_extra_draws == 0 and not grpo.filter.reject_zero_variance
     dapo = load_config(CONFIGS / "tiny-cpu.yaml", ["dapo-style"])
     assert dapo.optimize.eps_high > dapo.optimize.eps_low and dapo.filter.reject_zero_variance
+    assert dapo.optimize.loss_aggregation == "token_mean" and grpo.optimize.loss_aggregation == "sample_mean"
 
 
 def test_overrides_apply_last_with_yaml_values():

@@ -234,15 +234,17 @@ def test_optimize_scores_exactly_what_the_rollout_sampled(local_run):
 
 
 def test_ablation_switches_run_through_rollout_filter_and_optimize(local_run, tmp_path):
-    """GRPO's KL to a frozen reference, per-turn samples over a history window, no-op after malformed turns and the
-    shaped return, on a run forked from the local run's warmstart: every sample is still scored on-policy."""
+    """GRPO's KL to a frozen reference, per-turn samples over a history window, no-op after malformed turns, the
+    shaped return and DAPO's token-level loss, on a run forked from the local run's warmstart: every sample is
+    still scored on-policy."""
     source = open_run(local_run[0]).store
     config = parse_config({**MICRO, "tracking": {"mlflow_uri": f"sqlite:///{tmp_path}/mlflow.db"},
                            "rollout": {**MICRO["rollout"], "history_window": 2, "on_malformed": "noop",
                                        "reward": "shaped"},
                            "filter": {"target_groups": 2, "max_extra_draws": 0, "reject_zero_variance": False,
                                       "max_malformed_fraction": 1.0},
-                           "optimize": {"micro_batch_tokens": 300, "kl_coef": 0.04, "sample_form": "per_turn"}})
+                           "optimize": {"micro_batch_tokens": 300, "kl_coef": 0.04, "sample_form": "per_turn",
+                                        "loss_aggregation": "token_mean"}})
     ctx = create_run(str(tmp_path / "ablation"), config)
     for key in source.list_files("iter-000000/warmstart"):
         ctx.store.write_bytes(key, source.read_bytes(key))
