@@ -49,7 +49,7 @@ VARIANTS: dict[str, list[str]] = {
     "token-mean": ["--set", "optimize.loss_aggregation=token_mean"],
     "grpo": ["--preset", "grpo"],
 }
-# The CI-sized budget of --quick (and of the CI learning check to come, see docs/learning.md): a shorter
+# The CI-sized budget of --quick and of tests/test_learning.py's learning check (docs/learning.md): a shorter
 # warmstart that still wins some held-out games (6 of 16 here), and small draws.
 CI_OVERRIDES = ["warmstart.expert_tasks=96", "warmstart.steps=100", "model.tokenizer_corpus_tasks=96",
                 "rollout.groups=4", "rollout.group_size=4", "filter.target_groups=2", "filter.max_extra_draws=1",

@@ -247,7 +247,7 @@ class FilterConfig(Section):
     reject_zero_variance: bool = Field(True, description="drop groups whose returns are all equal (no signal)")
     max_malformed_fraction: float = Field(
         0.5, ge=0, le=1, description="reject an episode whose share of turns that break the turn format (tags, "
-        "token budget) is above this; inadmissible commands do not count, the return penalizes them")
+        "token budget) is above this; inadmissible commands do not count: the update must see them fail")
     max_episode_tokens: int = Field(4096, ge=1)
     keep_partial_last_draw: bool = True
     std_normalize: bool = Field(True, description="divide group-centred returns by the group's std")

@@ -59,8 +59,9 @@ def episode_reason(row: dict, max_malformed_fraction: float, max_tokens: int) ->
     """Why an episode is unusable on its own, or None.
 
     Over-generation counts only turns that broke the format. A well-formed but inadmissible command is the
-    policy's own mistake, which the episode's return already penalizes: rejecting the episodes that make many of
-    them would hide exactly the failures the update must push down (and keep the winners that made them too).
+    policy's own mistake, paid for in wasted turns (and in `rollout.malformed_penalty`, when set): rejecting the
+    episodes that make many of them would hide exactly the failures the update must push down, while the
+    winners that made them too are kept.
     """
     if row["termination"] in (Reason.ENV_ERROR, Reason.ENV_TIMEOUT):
         return Reason(row["termination"])

@@ -3,7 +3,8 @@
 Each accepted episode is one token sequence with its loss mask (generated tokens only) and its group-relative
 advantage from the filter. `logp_old` is recomputed here with the weights that played the rollout, before any
 update; with the default of one update per iteration the ratio is exactly 1 and the clipped loss reduces to
--mean(A) over generated tokens, whose gradient is the policy gradient. The new weights and AdamW's state are
+minus the mean advantage (per episode by default, `optimize.loss_aggregation`), whose gradient is the policy
+gradient. The new weights and AdamW's state are
 written for the next iteration.
 
 Under a distributed launch (torchrun, as k8s/optimize-multinode runs it) every rank runs this same stage on the
