@@ -4,8 +4,7 @@ Each accepted episode is one token sequence with its loss mask (generated tokens
 advantage from the filter. `logp_old` is recomputed here with the weights that played the rollout, before any
 update; with the default of one update per iteration the ratio is exactly 1 and the clipped loss reduces to
 minus the mean advantage (per episode by default, `optimize.loss_aggregation`), whose gradient is the policy
-gradient. The new weights and AdamW's state are
-written for the next iteration.
+gradient. The new weights and AdamW's state are written for the next iteration.
 
 Under a distributed launch (torchrun, as k8s/optimize-multinode runs it) every rank runs this same stage on the
 whole batch: each scores its share of pi_old and takes its share of every update's micro-batches (the trainer
@@ -191,8 +190,9 @@ def update_policy(ctx: RunContext, iteration: int, filtered: CommittedStage, pol
             rng.shuffle(indices)
             for start in range(0, len(indices), mini):
                 chosen = indices[start:start + mini]
-                total = sum(sequences[i].num_loss_tokens for i in chosen)
-                weights = aggregation_weights([sequences[i].num_loss_tokens for i in chosen], cfg.loss_aggregation)
+                loss_tokens = [sequences[i].num_loss_tokens for i in chosen]
+                total = sum(loss_tokens)
+                weights = aggregation_weights(loss_tokens, cfg.loss_aggregation)
                 weighted = list(sequences)
                 for i, weight in zip(chosen, weights, strict=True):
                     weighted[i] = replace(sequences[i], advantage=sequences[i].advantage * weight)
